@@ -1,0 +1,108 @@
+"""Training-step time with and without a covshift Tracer (all per-step statistics, all layers).
+
+Two copies of each model with identical weights train on the same fixed batch. Blocks of
+``--block`` steps alternate between the plain and the traced copy, so drift of the machine
+(clock, other load) hits both alike; the ratio is the median over rounds of traced/plain
+block time. Flushes to the trace file fall inside the traced blocks and are counted.
+
+    python benchmarks/overhead.py                 # CPU, both models
+    python benchmarks/overhead.py --device cuda   # where a GPU is available
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import covshift
+
+
+def mlp() -> tuple[nn.Module, torch.Size]:
+    """Three hidden layers of 100 sigmoid units (Ioffe & Szegedy 2015, Figure 1)."""
+    layers: list[nn.Module] = []
+    width = 784
+    for _ in range(3):
+        layers += [nn.Linear(width, 100), nn.Sigmoid()]
+        width = 100
+    return nn.Sequential(*layers, nn.Linear(100, 10)), torch.Size([64, 784])
+
+
+def cnn() -> tuple[nn.Module, torch.Size]:
+    """Three 3x3 conv layers of 32 channels with ReLU on 32x32x3 inputs, then a linear head."""
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    ), torch.Size([64, 3, 32, 32])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(name: str, build, device: torch.device, rounds: int, block: int, folder: Path) -> float:
+    torch.manual_seed(0)
+    plain, shape = build()
+    traced = copy.deepcopy(plain)
+    plain.to(device)
+    traced.to(device)
+    x = torch.randn(shape, device=device)
+    y = torch.randint(0, 10, (shape[0],), device=device)
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (plain, traced)}
+
+    def run(model: nn.Module, tracer: covshift.Tracer | None) -> float:
+        opt = opts[id(model)]
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(block):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            opt.step()
+            if tracer is not None:
+                tracer.step(loss=loss)
+        sync(device)
+        return time.perf_counter() - start
+
+    ratios, plain_times = [], []
+    with covshift.Tracer(traced, folder / f"{name}.covshift", optimizer=opts[id(traced)]) as tracer:
+        run(plain, None), run(traced, tracer)  # warm up
+        for _ in range(rounds):
+            t_plain = run(plain, None)
+            t_traced = run(traced, tracer)
+            ratios.append(t_traced / t_plain)
+            plain_times.append(t_plain / block)
+    ratio = statistics.median(ratios)
+    print(f"{name:4s} {device.type}: plain {statistics.median(plain_times) * 1e3:7.2f} ms/step, "
+          f"traced/plain {ratio:.3f} (rounds {min(ratios):.3f}..{max(ratios):.3f})", flush=True)
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--block", type=int, default=50, help="steps per timed block")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--models", default="mlp,cnn")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, covshift {covshift.__version__}, {torch.get_num_threads()} CPU threads")
+    with tempfile.TemporaryDirectory() as folder:
+        for name in args.models.split(","):
+            measure(name, {"mlp": mlp, "cnn": cnn}[name], device, args.rounds, args.block, Path(folder))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""A step's raw device records, and their reduction to metric rows on the host.
+
+Hooks leave small device tensors (shifted sums, a subsample, per-unit maxima, gradient
+sums of squares). :class:`StepRecord` holds them for one step without reading them;
+:func:`fetch` moves every pending record to the host in one transfer per dtype and
+:meth:`StepRecord.rows` turns each into finished metrics in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import stats
+
+
+class Slots:
+    """Device tensors kept for a later single transfer; :meth:`put` returns a handle."""
+
+    def __init__(self) -> None:
+        self.tensors: list[Tensor] = []
+        self.host: list[np.ndarray] = []
+
+    def put(self, t: Tensor) -> int:
+        self.tensors.append(t.detach().reshape(-1))
+        return len(self.tensors) - 1
+
+    def get(self, handle: int) -> np.ndarray:
+        return self.host[handle]
+
+
+def fetch(groups: list[Slots]) -> None:
+    """Copy the tensors of every ``Slots`` to the host: one ``cat`` and one copy per
+    (device, dtype), so a flush costs one synchronisation however many steps it holds."""
+    by_kind: dict[tuple[torch.device, torch.dtype], list[tuple[Slots, int]]] = defaultdict(list)
+    for slots in groups:
+        slots.host = [np.empty(0)] * len(slots.tensors)
+        for i, t in enumerate(slots.tensors):
+            by_kind[(t.device, t.dtype)].append((slots, i))
+    for members in by_kind.values():
+        parts = [s.tensors[i] for s, i in members]
+        flat = torch.cat(parts).cpu()
+        if flat.is_floating_point():
+            flat = flat.double()
+        values = flat.numpy()
+        start = 0
+        for (slots, i), part in zip(members, parts):
+            slots.host[i] = values[start : start + part.numel()]
+            start += part.numel()
+    for slots in groups:
+        slots.tensors = []
+
+
+@dataclass
+class LayerStep:
+    """What one layer left during one step; ints are host values, others are handles."""
+
+    calls: list[tuple[int, int]] = field(default_factory=list)  # (numel, moments)
+    sample: int | None = None  # sample_stats
+    dead: int | None = None  # count of dead units
+    grads: list[tuple[int, int]] = field(default_factory=list)  # (numel, sum of squares)
+    units: list[int] = field(default_factory=list)  # unit_sums, one per call
+    unit_counts: list[int] = field(default_factory=list)  # elements per unit, one per call
+    hists: list[int] = field(default_factory=list)  # histogram counts of the sample, one per call
+
+
+@dataclass
+class StepRecord:
+    """Everything one step recorded, until it is flushed."""
+
+    step: int
+    slots: Slots = field(default_factory=Slots)
+    layers: dict[str, LayerStep] = field(default_factory=dict)
+    loss: float | int | None = None  # a float, or a handle when ``loss_is_handle``
+    loss_is_handle: bool = False
+    lr: float | int | None = None
+    lr_is_handle: bool = False
+    grad_params: list[int] = field(default_factory=list)  # indices of params that had a grad
+    grad_norms: int | None = None
+    tracked: list[tuple[str, str, int]] = field(default_factory=list)  # (layer, attr, param index)
+    weight_norms: int | None = None
+    update_norms: int | None = None
+    prev_norms: int | None = None
+
+    def scalar(self, value: float | int | None, is_handle: bool) -> float | None:
+        if value is None:
+            return None
+        return float(self.slots.get(value)[0]) if is_handle else float(value)
+
+    def rows(self, kinds: dict[str, bool]) -> list[tuple[str, str, float]]:
+        """``(layer, metric, value)`` rows; ``kinds[layer]`` says whether the layer has a
+        known nonlinearity (and so saturation and gain)."""
+        out: list[tuple[str, str, float]] = []
+        for name, ls in self.layers.items():
+            out += [(name, metric, value) for metric, value in layer_metrics(ls, self.slots, kinds[name])]
+        get = self.slots.get
+        gnorm = get(self.grad_norms) if self.grad_norms is not None else np.empty(0)
+        grad_of = dict(zip(self.grad_params, gnorm))
+        if self.weight_norms is not None:
+            wn = get(self.weight_norms)
+            upd = get(self.update_norms) if self.update_norms is not None else None
+            prev = get(self.prev_norms) if self.prev_norms is not None else None
+            for j, (layer, attr, p) in enumerate(self.tracked):
+                if p in grad_of:
+                    out.append((layer, f"{attr}.grad_norm", float(grad_of[p])))
+                out.append((layer, f"{attr}.norm", float(wn[j])))
+                if upd is not None and prev is not None:
+                    ratio = upd[j] / prev[j] if prev[j] > 0 else math.nan
+                    out.append((layer, f"{attr}.update_ratio", float(ratio)))
+        for metric, value in (
+            ("loss", self.scalar(self.loss, self.loss_is_handle)),
+            ("lr", self.scalar(self.lr, self.lr_is_handle)),
+            ("grad_norm", float(np.sqrt(np.sum(gnorm**2))) if len(gnorm) else None),
+        ):
+            if value is not None:
+                out.append(("", metric, value))
+        return out
+
+    def unit_rows(self) -> list[tuple[str, int, float, float]]:
+        """``(layer, unit, mean, var)`` rows for a detail step."""
+        out = []
+        for name, ls in self.layers.items():
+            if not ls.units:
+                continue
+            merged = None
+            for count, handle in zip(ls.unit_counts, ls.units):
+                c, s1, s2 = self.slots.get(handle).reshape(3, -1)
+                mean = c + s1 / count
+                m2 = np.maximum(s2 - s1 * s1 / count, 0.0)
+                part = (count, mean, m2)
+                merged = part if merged is None else stats.merge_moments(merged, part)
+            n, mean, m2 = merged
+            out += [(name, u, float(mu), float(v)) for u, (mu, v) in enumerate(zip(mean, m2 / n))]
+        return out
+
+    def hist_rows(self) -> list[tuple[str, np.ndarray]]:
+        """``(layer, counts)`` for a detail step, counts with under- and overflow at the ends."""
+        get = self.slots.get
+        return [(n, sum(get(h) for h in ls.hists)) for n, ls in self.layers.items() if ls.hists]
+
+
+def layer_metrics(ls: LayerStep, slots: Slots, has_kind: bool) -> list[tuple[str, float]]:
+    """The finished layer metrics of one step, merging every call of the module exactly."""
+    out: list[tuple[str, float]] = []
+    if ls.calls:
+        merged = (0, 0.0, 0.0)
+        lows, highs = [], []
+        for n, handle in ls.calls:
+            c, s1, s2, lo, hi = slots.get(handle)
+            mean, m2 = stats.finish_moments(n, c, s1, s2)
+            merged = stats.merge_moments(merged, (n, mean, m2))
+            lows.append(lo)
+            highs.append(hi)
+        total, mean, m2 = merged
+        var = m2 / total
+        lo, hi = float(np.min(lows)), float(np.max(highs))
+        out += [("mean", mean), ("var", var), ("std", math.sqrt(var) if var == var else var)]
+        out += [("min", lo), ("max", hi)]
+        p15, p50, p85, sat, gain, bad = slots.get(ls.sample)
+        out += [("p15", p15), ("p50", p50), ("p85", p85)]
+        if has_kind:
+            out += [("saturation", sat), ("gain", gain)]
+        if ls.dead is not None:
+            out.append(("dead", float(slots.get(ls.dead)[0])))
+        # exact when every call was sampled whole; zero exactly when min and max are finite
+        finite = math.isfinite(lo) and math.isfinite(hi)
+        out.append(("nonfinite", 0.0 if finite else float(max(round(bad * total), 1))))
+    if ls.grads:
+        sumsq = sum(float(slots.get(h)[0]) for _, h in ls.grads)
+        count = sum(n for n, _ in ls.grads)
+        out += [("grad_norm", math.sqrt(sumsq)), ("grad_rms", math.sqrt(sumsq / count))]
+    return [(m, float(v)) for m, v in out]

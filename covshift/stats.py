@@ -1,0 +1,241 @@
+"""Statistic kernels: pure functions of tensors, plus the table that names every metric.
+
+Device side (called from hooks, no host sync): :func:`moments`, :func:`take_sample`,
+:func:`sample_stats`, :func:`unit_sums`, :func:`unit_max`, :func:`hist_edges`,
+:func:`histogram`. Host side (at flush, in float64): :func:`finish_moments`,
+:func:`merge_moments`.
+
+Means, variances and norms are exact. Percentiles, saturation, gain and the
+non-finite count come from a fixed random subsample of ``k`` elements when a tensor
+has more than ``k``; :func:`sample_error_bound` gives their guaranteed error.
+
+>>> import torch
+>>> c, s1, s2, lo, hi = moments(torch.tensor([1000.0, 1001.0, 1002.0])).tolist()
+>>> finish_moments(3, c, s1, s2)
+(1001.0, 2.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+#: Layer metrics (forward output and gradient w.r.t. it), per step.
+LAYER_METRICS: dict[str, str] = {
+    "mean": "mean of the layer's output",
+    "var": "population variance of the output",
+    "std": "population standard deviation of the output",
+    "min": "smallest output value",
+    "max": "largest output value",
+    "p15": "15th percentile of the output (lower method)",
+    "p50": "median of the output (lower method)",
+    "p85": "85th percentile of the output (lower method)",
+    "saturation": "fraction of outputs where the nonlinearity's local derivative is below 10% of its maximum",
+    "gain": "mean local derivative of the nonlinearity, relative to its maximum",
+    "dead": "units (channels) inactive on every element of the step (ReLU family)",
+    "nonfinite": "number of NaN or infinite outputs",
+    "grad_norm": "L2 norm of the loss gradient w.r.t. the output",
+    "grad_rms": "root mean square of the loss gradient w.r.t. the output",
+}
+#: Parameter metrics, recorded on the owning layer as ``<param>.<metric>``.
+PARAM_METRICS: dict[str, str] = {
+    "grad_norm": "L2 norm of the parameter's gradient",
+    "norm": "L2 norm of the parameter after the optimizer step",
+    "update_ratio": "||W_t - W_(t-1)|| / ||W_(t-1)||, the size of the step's update",
+}
+#: Run metrics, recorded with an empty layer name.
+RUN_METRICS: dict[str, str] = {
+    "loss": "the loss passed to Tracer.step",
+    "lr": "learning rate of the optimizer's first parameter group",
+    "grad_norm": "L2 norm of all parameter gradients together",
+}
+PERCENTILES = (0.15, 0.50, 0.85)
+SATURATION_THRESHOLD = 0.1
+#: Order of the values :func:`sample_stats` returns.
+SAMPLE_FIELDS = ("p15", "p50", "p85", "saturation", "gain", "nonfinite")
+
+
+@dataclass(frozen=True)
+class Nonlinearity:
+    """How a nonlinearity's local derivative (divided by its maximum) follows from its output."""
+
+    name: str
+    derivative: Callable[[Tensor], Tensor]
+    low: float | None = None  # output range, when the function bounds it
+    high: float | None = None
+    relu_family: bool = False  # has a zero-gradient region, so units can die
+
+
+def _leaky(slope: float) -> Callable[[Tensor], Tensor]:
+    top = max(1.0, slope)
+    return lambda y: torch.where(y > 0, 1.0 / top, slope / top)
+
+
+def _elu(alpha: float) -> Callable[[Tensor], Tensor]:
+    top = max(1.0, alpha)
+    return lambda y: torch.where(y > 0, torch.ones_like(y), y + alpha) / top
+
+
+def _window(low: float, high: float) -> Callable[[Tensor], Tensor]:
+    return lambda y: ((y > low) & (y < high)).to(y.dtype)
+
+
+def nonlinearity(module: nn.Module) -> Nonlinearity | None:
+    """The :class:`Nonlinearity` of ``module``, or None when its output does not determine
+    its derivative (GELU, SiLU, Linear, ...)."""
+    if isinstance(module, nn.Sigmoid):
+        return Nonlinearity("sigmoid", lambda y: 4.0 * y * (1.0 - y), 0.0, 1.0)
+    if isinstance(module, nn.Tanh):
+        return Nonlinearity("tanh", lambda y: 1.0 - y * y, -1.0, 1.0)
+    if isinstance(module, nn.Softsign):
+        return Nonlinearity("softsign", lambda y: (1.0 - y.abs()) ** 2, -1.0, 1.0)
+    if isinstance(module, nn.ReLU6):  # a Hardtanh subclass: test it first
+        return Nonlinearity("relu6", _window(0.0, 6.0), 0.0, 6.0, relu_family=True)
+    if isinstance(module, nn.Hardtanh):
+        lo, hi = float(module.min_val), float(module.max_val)
+        return Nonlinearity("hardtanh", _window(lo, hi), lo, hi)
+    if isinstance(module, nn.ReLU):
+        return Nonlinearity("relu", _window(0.0, math.inf), relu_family=True)
+    if isinstance(module, nn.LeakyReLU):
+        return Nonlinearity("leaky_relu", _leaky(float(module.negative_slope)), relu_family=True)
+    if isinstance(module, nn.ELU):
+        return Nonlinearity("elu", _elu(float(module.alpha)))
+    if isinstance(module, nn.Softplus):
+        beta = float(module.beta)
+        return Nonlinearity("softplus", lambda y: 1.0 - torch.exp(-beta * y))
+    return None
+
+
+def flat_float(x: Tensor) -> Tensor:
+    """``x`` as a detached 1-D float tensor (a view when possible); half types become float32."""
+    x = x.detach()
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    return x.reshape(-1)
+
+
+def moments(flat: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """``[c, S1, S2, min, max]`` of a non-empty 1-D tensor, with the shift ``c = flat[0]``,
+    ``S1 = sum(flat - c)`` and ``S2 = sum((flat - c)**2)``.
+
+    Shifting by one of the values keeps the variance exact when ``|mean| >> std``
+    (a saturated sigmoid sits at 0.999 +- 0.001). :func:`finish_moments` turns the
+    sums into ``(mean, M2)`` on the host. ``scratch`` (same size and dtype) receives the
+    shifted values, sparing an allocation of the tensor's size.
+    """
+    c = flat[0]
+    d = torch.sub(flat, c, out=scratch) if scratch is not None else flat - c
+    lo, hi = torch.aminmax(flat)
+    return torch.stack([c, d.sum(), torch.dot(d, d), lo, hi])
+
+
+def finish_moments(n: int, c: float, s1: float, s2: float) -> tuple[float, float]:
+    """``(mean, M2)`` from the shifted sums of :func:`moments`, in float64."""
+    mean = c + s1 / n
+    m2 = max(s2 - s1 * s1 / n, 0.0)
+    return mean, m2
+
+
+def merge_moments(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:
+    """Merge two ``(n, mean, M2)`` triples exactly (Chan, Golub and LeVeque 1979)."""
+    na, ma, m2a = a
+    nb, mb, m2b = b
+    n = na + nb
+    if n == 0:
+        return 0, 0.0, 0.0
+    delta = mb - ma
+    return n, ma + delta * nb / n, m2a + m2b + delta * delta * na * nb / n
+
+
+def sample_indices(numel: int, k: int, device: torch.device, seed: int = 0) -> Tensor | None:
+    """Fixed uniform random positions (with replacement) to subsample a tensor of ``numel``
+    elements, or None when ``numel <= k`` and the whole tensor is used. Drawn from a private
+    generator, so the global RNG and training are untouched."""
+    if numel <= k:
+        return None
+    gen = torch.Generator().manual_seed(seed + numel)
+    return torch.randint(numel, (k,), generator=gen).to(device)
+
+
+def take_sample(flat: Tensor, idx: Tensor | None) -> Tensor:
+    """The subsample at ``idx`` (a copy), or a copy of ``flat`` when ``idx`` is None."""
+    return flat.clone() if idx is None else flat[idx]
+
+
+def sample_stats(sample: Tensor, kind: Nonlinearity | None) -> Tensor:
+    """``SAMPLE_FIELDS`` of a 1-D sample: percentiles by the lower method (numpy's
+    ``method="lower"``: the element of rank ``floor((n-1)q)``), saturation and gain
+    (NaN when ``kind`` is None), and the fraction of NaN or infinite values."""
+    n = sample.numel()
+    values = [torch.kthvalue(sample, int((n - 1) * q) + 1).values for q in PERCENTILES]
+    if kind is None:
+        values += [torch.full((), math.nan, device=sample.device, dtype=sample.dtype)] * 2
+    else:
+        deriv = kind.derivative(sample)
+        values += [(deriv < SATURATION_THRESHOLD).to(sample.dtype).mean(), deriv.mean()]
+    values.append((~torch.isfinite(sample)).to(sample.dtype).mean())
+    return torch.stack(values)
+
+
+def sample_error_bound(k: int, delta: float = 1e-3) -> float:
+    """Largest error, with probability at least ``1 - delta``, of a fraction or percentile
+    rank estimated from ``k`` uniform samples: ``sqrt(ln(2/delta) / (2k))``.
+
+    It bounds every threshold fraction and quantile rank at once (Dvoretzky-Kiefer-Wolfowitz,
+    with Massart's constant) and the mean of a quantity in [0, 1] such as the gain (Hoeffding).
+    """
+    return math.sqrt(math.log(2.0 / delta) / (2.0 * k))
+
+
+def _unit_dims(x: Tensor) -> list[int]:
+    return [0, *range(2, x.dim())]
+
+
+def unit_sums(x: Tensor) -> Tensor:
+    """Per-unit (dim 1: features or channels) shifted sums, shape ``(3, units)``: the shift
+    ``c_u`` (the unit's first value), ``sum(x_u - c_u)`` and ``sum((x_u - c_u)**2)``."""
+    x = x.detach().float() if x.dtype not in (torch.float32, torch.float64) else x.detach()
+    c = x.select(0, 0)
+    while c.dim() > 1:
+        c = c.select(1, 0)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    d = x - c.view(shape)
+    dims = _unit_dims(x)
+    return torch.stack([c, d.sum(dims), (d * d).sum(dims)])
+
+
+def unit_max(x: Tensor) -> Tensor:
+    """Per-unit maximum over every dimension but 1; a ReLU unit is dead when it is <= 0."""
+    return x.detach().amax(dim=_unit_dims(x))
+
+
+def hist_edges(lo: Tensor, hi: Tensor, kind: Nonlinearity | None, bins: int) -> Tensor:
+    """``bins + 1`` fixed bin edges for a layer, chosen on the device from its first step.
+
+    A bounded nonlinearity uses its output range. Otherwise the first step's range is
+    widened by a quarter of its width on each side, so drift stays visible before it
+    reaches the under/overflow counts.
+    """
+    steps = torch.linspace(0.0, 1.0, bins + 1, device=lo.device, dtype=torch.float32)
+    if kind is not None and kind.low is not None and kind.high is not None:
+        return kind.low + (kind.high - kind.low) * steps
+    lo = torch.nan_to_num(lo.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
+    hi = torch.nan_to_num(hi.float(), nan=1.0, posinf=1.0, neginf=-1.0)
+    width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    return (lo - width / 4) + (width * 1.5) * steps
+
+
+def histogram(sample: Tensor, edges: Tensor) -> Tensor:
+    """Counts (int64) of ``sample`` in ``[underflow, bin_1, ..., bin_B, overflow]``; bins
+    are closed on the left, the last one on both sides. Non-finite values are left out."""
+    bins = edges.numel() - 1
+    idx = torch.bucketize(sample, edges, right=True)  # 0: below, 1..bins: inside, bins+1: above
+    idx = torch.where(sample == edges[-1], bins, idx)
+    idx = torch.where(torch.isfinite(sample), idx, bins + 2)
+    counts = torch.zeros(bins + 3, dtype=torch.int64, device=sample.device)
+    counts.scatter_add_(0, idx, torch.ones_like(idx))
+    return counts[: bins + 2]

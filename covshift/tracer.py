@@ -1,0 +1,333 @@
+"""The Tracer: hook lifecycle, step boundaries and batched flushing to the trace file."""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import stats
+from .records import LayerStep, StepRecord, fetch
+from .store import TraceWriter
+
+#: Name given to the model itself when it is hooked (its qualified name is empty).
+ROOT = "(model)"
+
+
+@dataclass
+class _Layer:
+    name: str
+    module: nn.Module
+    kind: stats.Nonlinearity | None
+    position: int | None = None
+    edges: Tensor | None = None
+    edges_written: bool = False
+    indices: dict[int, Tensor | None] = field(default_factory=dict)
+    samples: list[Tensor] = field(default_factory=list)
+    maxima: list[Tensor] = field(default_factory=list)
+
+
+def select_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs to hook, in ``named_modules`` order.
+
+    ``layers=None`` picks every leaf module. Otherwise ``layers`` is a module type, a glob on
+    qualified names (``"features.*"``), or a list of both; a module matching any is hooked.
+
+    >>> select_layers(nn.Sequential(nn.Linear(2, 2), nn.Tanh()), [nn.Tanh])
+    [('1', Tanh())]
+    """
+    if layers is not None and not isinstance(layers, (list, tuple, set)):
+        layers = [layers]
+    types = tuple(x for x in layers or () if isinstance(x, type))
+    globs = [x for x in layers or () if isinstance(x, str)]
+    if layers is not None and len(types) + len(globs) != len(layers):
+        raise TypeError("layers= takes module types and name globs (str)")
+    chosen = []
+    for name, module in model.named_modules():
+        if layers is None:
+            hit = next(module.children(), None) is None
+        else:
+            hit = isinstance(module, types) or any(fnmatch.fnmatchcase(name, g) for g in globs)
+        if hit:
+            chosen.append((name or ROOT, module))
+    return chosen
+
+
+def first_tensor(output: Any) -> Tensor | None:
+    """The tensor a layer's statistics describe: the output itself, or the first floating
+    tensor inside a tuple, list or dict output (an LSTM's output sequence)."""
+    if isinstance(output, Tensor):
+        return output if output.is_floating_point() else None
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        for item in output:
+            found = first_tensor(item)
+            if found is not None:
+                return found
+    return None
+
+
+class Tracer:
+    """Records per-layer statistics of ``model`` at every step into a trace file.
+
+    >>> with Tracer(model, "runs/demo.covshift", run="baseline", optimizer=opt) as tracer:  # doctest: +SKIP
+    ...     for x, y in loader:
+    ...         opt.zero_grad()
+    ...         loss = loss_fn(model(x), y)
+    ...         loss.backward()
+    ...         opt.step()
+    ...         tracer.step(loss=loss)
+
+    Forward passes with gradients disabled (validation under ``torch.no_grad()``) are not
+    recorded. Only steps ended by :meth:`step` reach the file; they are written every
+    ``flush_every`` recorded steps and when the tracer closes, also on an exception.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        path: str | os.PathLike[str],
+        run: str = "run",
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        layers: Any = None,
+        every: int = 1,
+        detail_every: int = 50,
+        flush_every: int = 100,
+        sample_size: int = 4096,
+        bins: int = 64,
+        config: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> None:
+        for label, value in [("every", every), ("detail_every", detail_every), ("flush_every", flush_every),
+                             ("sample_size", sample_size), ("bins", bins)]:
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if detail_every % every:
+            raise ValueError(f"detail_every ({detail_every}) must be a multiple of every ({every})")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model, self.path, self.run, self.optimizer = model, os.fspath(path), run, optimizer
+        self.every, self.detail_every, self.flush_every = every, detail_every, flush_every
+        self.sample_size, self.bins, self.overwrite = sample_size, bins, overwrite
+        self.config = dict(config or {})
+        self._layers = {n: _Layer(n, m, stats.nonlinearity(m)) for n, m in select_layers(model, layers)}
+        owners = {id(layer.module): n for n, layer in self._layers.items()}
+        self._params: list[nn.Parameter] = []
+        self._tracked: list[tuple[str, str, int]] = []  # (layer, attribute, index into _params)
+        for qualified, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            owner, _, attr = qualified.rpartition(".")
+            module = model.get_submodule(owner)
+            if id(module) in owners:
+                self._tracked.append((owners[id(module)], attr, len(self._params)))
+            self._params.append(param)
+        self._handles: list[Any] = []
+        self._writer: TraceWriter | None = None
+        self._run_id = 0
+        self._order = itertools.count()
+        self._pending: list[StepRecord] = []
+        self._prev: list[Tensor] | None = None
+        self._step = 0
+        self._current = StepRecord(0)
+        self._closed = False
+        self._scratch: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+
+    # lifecycle -----------------------------------------------------------------------
+    def __enter__(self) -> "Tracer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self) -> "Tracer":
+        """Open the trace file, add this run and attach the hooks (``with`` does this)."""
+        if self._writer is not None:
+            raise RuntimeError("this Tracer has already been started")
+        settings = {"every": self.every, "detail_every": self.detail_every,
+                    "sample_size": self.sample_size, "bins": self.bins}
+        self._writer = TraceWriter(self.path)
+        try:
+            self._run_id = self._writer.add_run(self.run, {**self.config, "tracer": settings}, self.overwrite)
+        except BaseException:
+            self._writer.close()
+            raise
+        for layer in self._layers.values():
+            hook = partial(self._on_forward, layer)
+            self._handles.append(layer.module.register_forward_hook(hook))
+        self._snapshot()
+        return self
+
+    def close(self) -> None:
+        """Flush what is recorded, remove every hook and close the file. Safe to call twice."""
+        if self._closed or self._writer is None:
+            return
+        self._closed = True
+        try:
+            self.flush()
+            self._writer.update_config(self._run_id, steps=self._step)
+        finally:
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            self._scratch.clear()
+            self._writer.close()
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current step's statistics are recorded (every ``every`` steps)."""
+        return self._step % self.every == 0
+
+    # hooks (device work only: no host synchronisation) ----------------------------------
+    def _on_forward(self, layer: _Layer, module: nn.Module, args: Any, output: Any) -> None:
+        if self._closed or not self.recording or not torch.is_grad_enabled():
+            return
+        y = first_tensor(output)
+        if y is None or y.numel() == 0:
+            return
+        rec = self._current
+        entry = rec.layers.setdefault(layer.name, LayerStep())
+        put = rec.slots.put
+        flat = stats.flat_float(y)
+        mom = stats.moments(flat, self._scratch_for(flat))
+        entry.calls.append((flat.numel(), put(mom)))
+        if flat.numel() not in layer.indices:
+            layer.indices[flat.numel()] = stats.sample_indices(flat.numel(), self.sample_size, flat.device)
+        sample = stats.take_sample(flat, layer.indices[flat.numel()])
+        layer.samples.append(sample)
+        if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
+            layer.maxima.append(stats.unit_max(y))
+        if self._step % self.detail_every == 0:
+            if y.dim() >= 2:
+                entry.units.append(put(stats.unit_sums(y)))
+                entry.unit_counts.append(y.numel() // y.shape[1])
+            if layer.edges is None:
+                layer.edges = stats.hist_edges(mom[3], mom[4], layer.kind, self.bins)
+            entry.hists.append(put(stats.histogram(sample, layer.edges.to(sample.dtype))))
+        if y.requires_grad:
+            y.register_hook(partial(self._on_grad, layer.name))
+        if layer.position is None:
+            layer.position = next(self._order)
+
+    def _scratch_for(self, flat: Tensor) -> Tensor:
+        """A buffer the size of ``flat``, reused by every layer of that size (hooks run one
+        at a time, and device work is ordered on the stream)."""
+        key = (flat.numel(), flat.dtype, flat.device)
+        if key not in self._scratch:
+            self._scratch[key] = torch.empty_like(flat)
+        return self._scratch[key]
+
+    def _on_grad(self, name: str, grad: Tensor) -> None:
+        if self._closed or grad is None:
+            return
+        g = stats.flat_float(grad)
+        rec = self._current
+        rec.layers.setdefault(name, LayerStep()).grads.append((g.numel(), rec.slots.put(torch.dot(g, g))))
+
+    # step boundary ---------------------------------------------------------------------
+    def step(self, loss: Tensor | float | None = None) -> int:
+        """End the current step, recording ``loss`` (a tensor is not synchronised), and
+        return its index. Call it after ``optimizer.step()``."""
+        if self._writer is None or self._closed:
+            raise RuntimeError("Tracer.step() called outside the Tracer's `with` block")
+        index = self._step
+        if self.recording:
+            rec = self._current
+            self._finish_layers(rec)
+            with torch.no_grad():
+                self._record_params(rec)
+            self._record_scalars(rec, loss)
+            self._pending.append(rec)
+        self._step += 1
+        self._current = StepRecord(self._step)
+        if self.recording:
+            self._snapshot()
+        if len(self._pending) >= self.flush_every:
+            self.flush()
+        return index
+
+    def _finish_layers(self, rec: StepRecord) -> None:
+        put = rec.slots.put
+        for layer in self._layers.values():
+            if not layer.samples:
+                continue
+            entry = rec.layers[layer.name]
+            pooled = layer.samples[0] if len(layer.samples) == 1 else torch.cat(layer.samples)
+            entry.sample = put(stats.sample_stats(pooled, layer.kind))
+            if layer.maxima and len({m.shape for m in layer.maxima}) == 1:
+                top = layer.maxima[0] if len(layer.maxima) == 1 else torch.stack(layer.maxima).amax(0)
+                entry.dead = put((top <= 0).sum())
+            layer.samples, layer.maxima = [], []
+
+    def _record_params(self, rec: StepRecord) -> None:
+        put = rec.slots.put
+        have = [i for i, p in enumerate(self._params) if p.grad is not None and not p.grad.is_sparse]
+        if have:
+            rec.grad_params = have
+            rec.grad_norms = put(torch.stack(torch._foreach_norm([self._params[i].grad for i in have])))
+        if not self._tracked:
+            return
+        params = [self._params[i] for _, _, i in self._tracked]
+        rec.tracked = self._tracked
+        rec.weight_norms = put(torch.stack(torch._foreach_norm(params)))
+        if self._prev is not None:
+            rec.update_norms = put(torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._prev))))
+            rec.prev_norms = put(torch.stack(torch._foreach_norm(self._prev)))
+
+    def _record_scalars(self, rec: StepRecord, loss: Tensor | float | None) -> None:
+        if isinstance(loss, Tensor):
+            if loss.numel() != 1:
+                raise ValueError(f"loss must be a single value, got a tensor of shape {tuple(loss.shape)}")
+            rec.loss, rec.loss_is_handle = rec.slots.put(loss.detach().float().clone()), True
+        elif loss is not None:
+            rec.loss = float(loss)
+        if self.optimizer is not None and self.optimizer.param_groups:
+            lr = self.optimizer.param_groups[0].get("lr")
+            if isinstance(lr, Tensor):
+                rec.lr, rec.lr_is_handle = rec.slots.put(lr.detach().float().clone()), True
+            elif lr is not None:
+                rec.lr = float(lr)
+
+    def _snapshot(self) -> None:
+        """Keep the tracked weights as they are before the next optimizer step."""
+        with torch.no_grad():
+            params = [self._params[i] for _, _, i in self._tracked]
+            if self._prev is None or not params:
+                self._prev = [p.detach().clone() for p in params]
+            else:
+                torch._foreach_copy_(self._prev, params)
+
+    # flushing --------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Write every recorded step to the file now, in one transaction (one host sync)."""
+        if not self._pending or self._writer is None:
+            return
+        records, self._pending = self._pending, []
+        fetch([r.slots for r in records])
+        kinds = {n: layer.kind is not None for n, layer in self._layers.items()}
+        scalars, units, hists = [], [], []
+        for r in records:
+            scalars += [(r.step, layer, metric, value) for layer, metric, value in r.rows(kinds)]
+            units += [(r.step, *row) for row in r.unit_rows()]
+            hists += [(r.step, *row) for row in r.hist_rows()]
+        self._write_layers({row[1] for row in scalars} - {""})
+        self._writer.write(self._run_id, scalars, units, hists)
+
+    def _write_layers(self, seen: set[str]) -> None:
+        for name in sorted(seen, key=lambda n: (self._layers[n].position is None, self._layers[n].position or 0)):
+            layer = self._layers[name]
+            if layer.position is None:
+                layer.position = next(self._order)
+            edges = None
+            if layer.edges is not None and not layer.edges_written:
+                edges, layer.edges_written = layer.edges.cpu().tolist(), True
+            self._writer.add_layer(self._run_id, name, type(layer.module).__name__,
+                                   layer.kind.name if layer.kind else None, layer.position, edges)
