@@ -18,7 +18,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True)
 
 
 def _version(value: bool) -> None:
@@ -47,7 +46,7 @@ def info(trace: Path = typer.Argument(..., help="A trace file written by covshif
             layers = t.layer_info()
             configs = {run: t.config(run) for run in t.runs}
     except TraceError as e:
-        err.print(f"[red]error:[/] {e}", markup=True, highlight=False)
+        typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
     table = Table(title=str(trace))
     for column in ("run", "steps recorded", "last step", "layers", "final loss"):

@@ -61,12 +61,13 @@ class LayerStep:
     """What one layer left during one step; ints are host values, others are handles."""
 
     calls: list[tuple[int, int]] = field(default_factory=list)  # (numel, moments)
-    sample: int | None = None  # sample_stats
-    dead: int | None = None  # count of dead units
+    samples: list[int] = field(default_factory=list)  # the subsample of each call
+    maxima: list[int] = field(default_factory=list)  # per-unit maxima of each call (ReLU family)
+    pooled: np.ndarray | None = None  # the calls' samples pooled, set by summarize
+    summary: np.ndarray | None = None  # sample_stats of ``pooled``, set by summarize
     grads: list[tuple[int, int]] = field(default_factory=list)  # (numel, sum of squares)
     units: list[int] = field(default_factory=list)  # unit_sums, one per call
     unit_counts: list[int] = field(default_factory=list)  # elements per unit, one per call
-    hists: list[int] = field(default_factory=list)  # histogram counts of the sample, one per call
 
 
 @dataclass
@@ -74,6 +75,7 @@ class StepRecord:
     """Everything one step recorded, until it is flushed."""
 
     step: int
+    detail: bool = False  # a detail step: per-unit statistics and histograms
     slots: Slots = field(default_factory=Slots)
     layers: dict[str, LayerStep] = field(default_factory=dict)
     loss: float | int | None = None  # a float, or a handle when ``loss_is_handle``
@@ -122,26 +124,65 @@ class StepRecord:
         return out
 
     def unit_rows(self) -> list[tuple[str, int, float, float]]:
-        """``(layer, unit, mean, var)`` rows for a detail step."""
+        """``(layer, unit, mean, var)`` rows for a detail step. A module whose calls differ
+        in their number of units gets none."""
         out = []
         for name, ls in self.layers.items():
-            if not ls.units:
+            parts = [self.slots.get(h).reshape(3, -1) for h in ls.units]
+            if not parts or len({p.shape for p in parts}) > 1:
                 continue
-            merged = None
-            for count, handle in zip(ls.unit_counts, ls.units):
-                c, s1, s2 = self.slots.get(handle).reshape(3, -1)
-                mean = c + s1 / count
-                m2 = np.maximum(s2 - s1 * s1 / count, 0.0)
-                part = (count, mean, m2)
-                merged = part if merged is None else stats.merge_moments(merged, part)
+            merged = (0, 0.0, 0.0)
+            for count, (c, s1, s2) in zip(ls.unit_counts, parts):
+                merged = stats.merge_moments(merged, (count, c + s1 / count, np.maximum(s2 - s1 * s1 / count, 0.0)))
             n, mean, m2 = merged
             out += [(name, u, float(mu), float(v)) for u, (mu, v) in enumerate(zip(mean, m2 / n))]
         return out
 
-    def hist_rows(self) -> list[tuple[str, np.ndarray]]:
-        """``(layer, counts)`` for a detail step, counts with under- and overflow at the ends."""
-        get = self.slots.get
-        return [(n, sum(get(h) for h in ls.hists)) for n, ls in self.layers.items() if ls.hists]
+
+    def hist_rows(self, edges: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
+        """``(layer, counts)`` of the pooled samples at a detail step, with under- and
+        overflow counts at the ends."""
+        if not self.detail:
+            return []
+        return [(n, stats.histogram(ls.pooled, edges[n])) for n, ls in self.layers.items() if ls.pooled is not None]
+
+    def value_range(self, name: str) -> tuple[float, float] | None:
+        """``(min, max)`` of a layer's outputs in this step, or None when it made none."""
+        ls = self.layers.get(name)
+        if ls is None or not ls.calls:
+            return None
+        values = np.stack([self.slots.get(h) for _, h in ls.calls])
+        return float(values[:, 3].min()), float(values[:, 4].max())
+
+
+def pool(sizes: list[int], samples: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """One sample standing for all of a step's calls, each weighted by its size: every call
+    keeps the share of its sample that the most thinly sampled call has of its output."""
+    if len(samples) == 1:
+        return samples[0]
+    rate = min(len(s) / n for n, s in zip(sizes, samples))
+    parts = []
+    for n, s in zip(sizes, samples):
+        keep = min(len(s), max(1, round(rate * n)))
+        parts.append(s if keep == len(s) else rng.choice(s, keep, replace=False))
+    return np.concatenate(parts)
+
+
+def summarize(records: list[StepRecord], kinds: dict[str, stats.Nonlinearity | None]) -> None:
+    """Pool and summarise the samples of every fetched record, batching the steps of a
+    layer whose pooled samples have the same length into one array."""
+    rng = np.random.default_rng(0)
+    groups: dict[tuple[str, int], list[LayerStep]] = defaultdict(list)
+    for rec in records:
+        for name, ls in rec.layers.items():
+            if ls.samples:
+                sizes = [n for n, _ in ls.calls]
+                ls.pooled = pool(sizes, [rec.slots.get(h) for h in ls.samples], rng)
+                groups[(name, len(ls.pooled))].append(ls)
+    for (name, _), members in groups.items():
+        summaries = stats.sample_stats(np.stack([ls.pooled for ls in members]), kinds[name])
+        for ls, summary in zip(members, summaries):
+            ls.summary = summary
 
 
 def layer_metrics(ls: LayerStep, slots: Slots, has_kind: bool) -> list[tuple[str, float]]:
@@ -161,12 +202,13 @@ def layer_metrics(ls: LayerStep, slots: Slots, has_kind: bool) -> list[tuple[str
         lo, hi = float(np.min(lows)), float(np.max(highs))
         out += [("mean", mean), ("var", var), ("std", math.sqrt(var) if var == var else var)]
         out += [("min", lo), ("max", hi)]
-        p15, p50, p85, sat, gain, bad = slots.get(ls.sample)
+        p15, p50, p85, sat, gain, bad = ls.summary
         out += [("p15", p15), ("p50", p50), ("p85", p85)]
         if has_kind:
             out += [("saturation", sat), ("gain", gain)]
-        if ls.dead is not None:
-            out.append(("dead", float(slots.get(ls.dead)[0])))
+        maxima = [slots.get(h) for h in ls.maxima]
+        if maxima and len({m.shape for m in maxima}) == 1:
+            out.append(("dead", float(np.sum(np.maximum.reduce(maxima) <= 0))))
         # exact when every call was sampled whole; zero exactly when min and max are finite
         finite = math.isfinite(lo) and math.isfinite(hi)
         out.append(("nonfinite", 0.0 if finite else float(max(round(bad * total), 1))))

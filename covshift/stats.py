@@ -1,16 +1,17 @@
 """Statistic kernels: pure functions of tensors, plus the table that names every metric.
 
 Device side (called from hooks, no host sync): :func:`moments`, :func:`take_sample`,
-:func:`sample_stats`, :func:`unit_sums`, :func:`unit_max`, :func:`hist_edges`,
-:func:`histogram`. Host side (at flush, in float64): :func:`finish_moments`,
-:func:`merge_moments`.
+:func:`unit_sums`, :func:`unit_max`. Host side (at flush, in float64):
+:func:`finish_moments`, :func:`merge_moments`, :func:`sample_stats`, :func:`hist_edges`,
+:func:`histogram`.
 
 Means, variances and norms are exact. Percentiles, saturation, gain and the
 non-finite count come from a fixed random subsample of ``k`` elements when a tensor
 has more than ``k``; :func:`sample_error_bound` gives their guaranteed error.
 
 >>> import torch
->>> c, s1, s2, lo, hi = moments(torch.tensor([1000.0, 1001.0, 1002.0])).tolist()
+>>> x = torch.tensor([1000.0, 1001.0, 1002.0])
+>>> c, s1, s2, lo, hi = moments(x, x[0]).tolist()
 >>> finish_moments(3, c, s1, s2)
 (1001.0, 2.0)
 """
@@ -21,6 +22,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -118,16 +120,17 @@ def flat_float(x: Tensor) -> Tensor:
     return x.reshape(-1)
 
 
-def moments(flat: Tensor, scratch: Tensor | None = None) -> Tensor:
-    """``[c, S1, S2, min, max]`` of a non-empty 1-D tensor, with the shift ``c = flat[0]``,
+def moments(flat: Tensor, shift: Tensor, scratch: Tensor | None = None) -> Tensor:
+    """``[c, S1, S2, min, max]`` of a non-empty 1-D tensor, with ``c = shift``,
     ``S1 = sum(flat - c)`` and ``S2 = sum((flat - c)**2)``.
 
-    Shifting by one of the values keeps the variance exact when ``|mean| >> std``
-    (a saturated sigmoid sits at 0.999 +- 0.001). :func:`finish_moments` turns the
-    sums into ``(mean, M2)`` on the host. ``scratch`` (same size and dtype) receives the
-    shifted values, sparing an allocation of the tensor's size.
+    With ``c`` near the mean (the tracer passes the mean of the layer's sample), the
+    variance stays exact when ``|mean| >> std`` (a saturated sigmoid sits at
+    0.999 +- 0.001), where ``E[x^2] - E[x]^2`` would cancel. :func:`finish_moments` turns
+    the sums into ``(mean, M2)`` on the host. ``scratch`` (same size and dtype) receives
+    the shifted values, sparing an allocation of the tensor's size.
     """
-    c = flat[0]
+    c = shift.to(flat.dtype).reshape(())
     d = torch.sub(flat, c, out=scratch) if scratch is not None else flat - c
     lo, hi = torch.aminmax(flat)
     return torch.stack([c, d.sum(), torch.dot(d, d), lo, hi])
@@ -166,19 +169,27 @@ def take_sample(flat: Tensor, idx: Tensor | None) -> Tensor:
     return flat.clone() if idx is None else flat[idx]
 
 
-def sample_stats(sample: Tensor, kind: Nonlinearity | None) -> Tensor:
-    """``SAMPLE_FIELDS`` of a 1-D sample: percentiles by the lower method (numpy's
-    ``method="lower"``: the element of rank ``floor((n-1)q)``), saturation and gain
-    (NaN when ``kind`` is None), and the fraction of NaN or infinite values."""
-    n = sample.numel()
-    values = [torch.kthvalue(sample, int((n - 1) * q) + 1).values for q in PERCENTILES]
-    if kind is None:
-        values += [torch.full((), math.nan, device=sample.device, dtype=sample.dtype)] * 2
-    else:
-        deriv = kind.derivative(sample)
-        values += [(deriv < SATURATION_THRESHOLD).to(sample.dtype).mean(), deriv.mean()]
-    values.append((~torch.isfinite(sample)).to(sample.dtype).mean())
-    return torch.stack(values)
+def sample_stats(samples: np.ndarray | Tensor, kind: Nonlinearity | None) -> np.ndarray:
+    """``SAMPLE_FIELDS`` of each row of ``samples``, on the host in float64 (a 1-D input
+    gives one row's values): percentiles by the lower method (numpy's ``method="lower"``:
+    the element of rank ``floor((n-1)q)``), saturation and gain (NaN when ``kind`` is
+    None), and the fraction of NaN or infinite values.
+
+    Called at flush time on every buffered step at once, so training pays no per-step
+    kernels for these.
+    """
+    if isinstance(samples, Tensor):
+        samples = samples.detach().cpu().double().numpy()
+    rows = np.atleast_2d(np.asarray(samples, dtype=np.float64))
+    ranks = [int((rows.shape[1] - 1) * q) for q in PERCENTILES]
+    out = np.full((rows.shape[0], len(SAMPLE_FIELDS)), np.nan)
+    out[:, :3] = np.partition(rows, ranks, axis=1)[:, ranks]
+    if kind is not None:
+        deriv = kind.derivative(torch.from_numpy(rows)).double().numpy()
+        out[:, 3] = (deriv < SATURATION_THRESHOLD).mean(axis=1)
+        out[:, 4] = deriv.mean(axis=1)
+    out[:, 5] = (~np.isfinite(rows)).mean(axis=1)
+    return out[0] if np.ndim(samples) == 1 else out
 
 
 def sample_error_bound(k: int, delta: float = 1e-3) -> float:
@@ -213,29 +224,27 @@ def unit_max(x: Tensor) -> Tensor:
     return x.detach().amax(dim=_unit_dims(x))
 
 
-def hist_edges(lo: Tensor, hi: Tensor, kind: Nonlinearity | None, bins: int) -> Tensor:
-    """``bins + 1`` fixed bin edges for a layer, chosen on the device from its first step.
+def hist_edges(lo: float, hi: float, kind: Nonlinearity | None, bins: int) -> np.ndarray:
+    """``bins + 1`` fixed bin edges for a layer, chosen from its first recorded step.
 
-    A bounded nonlinearity uses its output range. Otherwise the first step's range is
-    widened by a quarter of its width on each side, so drift stays visible before it
-    reaches the under/overflow counts.
+    A bounded nonlinearity uses its output range. Otherwise the first step's range
+    ``[lo, hi]`` is widened by a quarter of its width on each side, so drift stays
+    visible before it reaches the under/overflow bins.
     """
-    steps = torch.linspace(0.0, 1.0, bins + 1, device=lo.device, dtype=torch.float32)
+    steps = np.linspace(0.0, 1.0, bins + 1)
     if kind is not None and kind.low is not None and kind.high is not None:
         return kind.low + (kind.high - kind.low) * steps
-    lo = torch.nan_to_num(lo.float(), nan=-1.0, posinf=1.0, neginf=-1.0)
-    hi = torch.nan_to_num(hi.float(), nan=1.0, posinf=1.0, neginf=-1.0)
-    width = torch.where(hi > lo, hi - lo, torch.ones_like(hi))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        lo, hi = -1.0, 1.0
+    width = hi - lo if hi > lo else 1.0
     return (lo - width / 4) + (width * 1.5) * steps
 
 
-def histogram(sample: Tensor, edges: Tensor) -> Tensor:
-    """Counts (int64) of ``sample`` in ``[underflow, bin_1, ..., bin_B, overflow]``; bins
-    are closed on the left, the last one on both sides. Non-finite values are left out."""
-    bins = edges.numel() - 1
-    idx = torch.bucketize(sample, edges, right=True)  # 0: below, 1..bins: inside, bins+1: above
-    idx = torch.where(sample == edges[-1], bins, idx)
-    idx = torch.where(torch.isfinite(sample), idx, bins + 2)
-    counts = torch.zeros(bins + 3, dtype=torch.int64, device=sample.device)
-    counts.scatter_add_(0, idx, torch.ones_like(idx))
-    return counts[: bins + 2]
+def histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts of ``values`` in ``[underflow, bin_1, ..., bin_B, overflow]``; bins are
+    closed on the left, the last one on both sides. Non-finite values are left out."""
+    values = values[np.isfinite(values)]
+    bins = len(edges) - 1
+    idx = np.searchsorted(edges, values, side="right")  # 0: below, 1..bins: inside, bins+1: above
+    idx[values == edges[-1]] = bins
+    return np.bincount(idx, minlength=bins + 2)

@@ -56,7 +56,6 @@ def _check(conn: sqlite3.Connection, path: str) -> None:
     try:
         app = conn.execute("PRAGMA application_id").fetchone()[0]
         version = conn.execute("PRAGMA user_version").fetchone()[0]
-        conn.execute("SELECT count(*) FROM runs").fetchone()
     except sqlite3.DatabaseError as e:
         raise TraceError(f"{path} is not a covshift trace ({e})") from None
     if app != APPLICATION_ID:

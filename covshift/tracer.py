@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from . import stats
-from .records import LayerStep, StepRecord, fetch
+from .records import LayerStep, StepRecord, fetch, summarize
 from .store import TraceWriter
 
 #: Name given to the model itself when it is hooked (its qualified name is empty).
@@ -26,11 +27,9 @@ class _Layer:
     module: nn.Module
     kind: stats.Nonlinearity | None
     position: int | None = None
-    edges: Tensor | None = None
+    edges: np.ndarray | None = None  # histogram edges, fixed at the layer's first flush
     edges_written: bool = False
     indices: dict[int, Tensor | None] = field(default_factory=dict)
-    samples: list[Tensor] = field(default_factory=list)
-    maxima: list[Tensor] = field(default_factory=list)
 
 
 def select_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn.Module]]:
@@ -137,7 +136,7 @@ class Tracer:
         self._pending: list[StepRecord] = []
         self._prev: list[Tensor] | None = None
         self._step = 0
-        self._current = StepRecord(0)
+        self._current = self._new_record()
         self._closed = False
         self._scratch: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
 
@@ -197,21 +196,16 @@ class Tracer:
         entry = rec.layers.setdefault(layer.name, LayerStep())
         put = rec.slots.put
         flat = stats.flat_float(y)
-        mom = stats.moments(flat, self._scratch_for(flat))
-        entry.calls.append((flat.numel(), put(mom)))
         if flat.numel() not in layer.indices:
             layer.indices[flat.numel()] = stats.sample_indices(flat.numel(), self.sample_size, flat.device)
         sample = stats.take_sample(flat, layer.indices[flat.numel()])
-        layer.samples.append(sample)
+        entry.samples.append(put(sample))
+        entry.calls.append((flat.numel(), put(stats.moments(flat, sample.mean(), self._scratch_for(flat)))))
         if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
-            layer.maxima.append(stats.unit_max(y))
-        if self._step % self.detail_every == 0:
-            if y.dim() >= 2:
-                entry.units.append(put(stats.unit_sums(y)))
-                entry.unit_counts.append(y.numel() // y.shape[1])
-            if layer.edges is None:
-                layer.edges = stats.hist_edges(mom[3], mom[4], layer.kind, self.bins)
-            entry.hists.append(put(stats.histogram(sample, layer.edges.to(sample.dtype))))
+            entry.maxima.append(put(stats.unit_max(y)))
+        if rec.detail and y.dim() >= 2:
+            entry.units.append(put(stats.unit_sums(y)))
+            entry.unit_counts.append(y.numel() // y.shape[1])
         if y.requires_grad:
             y.register_hook(partial(self._on_grad, layer.name))
         if layer.position is None:
@@ -241,31 +235,20 @@ class Tracer:
         index = self._step
         if self.recording:
             rec = self._current
-            self._finish_layers(rec)
             with torch.no_grad():
                 self._record_params(rec)
             self._record_scalars(rec, loss)
             self._pending.append(rec)
         self._step += 1
-        self._current = StepRecord(self._step)
+        self._current = self._new_record()
         if self.recording:
             self._snapshot()
         if len(self._pending) >= self.flush_every:
             self.flush()
         return index
 
-    def _finish_layers(self, rec: StepRecord) -> None:
-        put = rec.slots.put
-        for layer in self._layers.values():
-            if not layer.samples:
-                continue
-            entry = rec.layers[layer.name]
-            pooled = layer.samples[0] if len(layer.samples) == 1 else torch.cat(layer.samples)
-            entry.sample = put(stats.sample_stats(pooled, layer.kind))
-            if layer.maxima and len({m.shape for m in layer.maxima}) == 1:
-                top = layer.maxima[0] if len(layer.maxima) == 1 else torch.stack(layer.maxima).amax(0)
-                entry.dead = put((top <= 0).sum())
-            layer.samples, layer.maxima = [], []
+    def _new_record(self) -> StepRecord:
+        return StepRecord(self._step, detail=self._step % self.detail_every == 0)
 
     def _record_params(self, rec: StepRecord) -> None:
         put = rec.slots.put
@@ -312,12 +295,19 @@ class Tracer:
             return
         records, self._pending = self._pending, []
         fetch([r.slots for r in records])
+        summarize(records, {n: layer.kind for n, layer in self._layers.items()})
+        for name, layer in self._layers.items():
+            ranges = (r.value_range(name) for r in records)
+            first = next((x for x in ranges if x is not None), None)
+            if layer.edges is None and first is not None:
+                layer.edges = stats.hist_edges(*first, layer.kind, self.bins)
         kinds = {n: layer.kind is not None for n, layer in self._layers.items()}
+        edges = {n: layer.edges for n, layer in self._layers.items()}
         scalars, units, hists = [], [], []
         for r in records:
             scalars += [(r.step, layer, metric, value) for layer, metric, value in r.rows(kinds)]
             units += [(r.step, *row) for row in r.unit_rows()]
-            hists += [(r.step, *row) for row in r.hist_rows()]
+            hists += [(r.step, *row) for row in r.hist_rows(edges)]
         self._write_layers({row[1] for row in scalars} - {""})
         self._writer.write(self._run_id, scalars, units, hists)
 
@@ -328,6 +318,6 @@ class Tracer:
                 layer.position = next(self._order)
             edges = None
             if layer.edges is not None and not layer.edges_written:
-                edges, layer.edges_written = layer.edges.cpu().tolist(), True
+                edges, layer.edges_written = layer.edges.tolist(), True
             self._writer.add_layer(self._run_id, name, type(layer.module).__name__,
                                    layer.kind.name if layer.kind else None, layer.position, edges)
