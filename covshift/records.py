@@ -25,9 +25,14 @@ class Slots:
     def __init__(self) -> None:
         self.tensors: list[Tensor] = []
         self.host: list[np.ndarray] = []
+        self.raw: set[int] = set()
 
-    def put(self, t: Tensor) -> int:
+    def put(self, t: Tensor, raw: bool = False) -> int:
+        """Keep ``t``; on the host it becomes float64, or stays in its dtype when ``raw``
+        (samples, which are only ordered and thresholded)."""
         self.tensors.append(t.detach().reshape(-1))
+        if raw:
+            self.raw.add(len(self.tensors) - 1)
         return len(self.tensors) - 1
 
     def get(self, handle: int) -> np.ndarray:
@@ -45,12 +50,13 @@ def fetch(groups: list[Slots]) -> None:
     for members in by_kind.values():
         parts = [s.tensors[i] for s, i in members]
         flat = torch.cat(parts).cpu()
-        if flat.is_floating_point():
-            flat = flat.double()
+        if flat.dtype == torch.bfloat16:  # numpy has no bfloat16
+            flat = flat.float()
         values = flat.numpy()
         start = 0
         for (slots, i), part in zip(members, parts):
-            slots.host[i] = values[start : start + part.numel()]
+            chunk = values[start : start + part.numel()]
+            slots.host[i] = chunk if i in slots.raw else chunk.astype(np.float64)
             start += part.numel()
     for slots in groups:
         slots.tensors = []

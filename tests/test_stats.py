@@ -23,9 +23,23 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def finished(flat: torch.Tensor, scratch: torch.Tensor | None = None) -> tuple[float, float, float, float]:
+def sample_mean_shift(flat: torch.Tensor) -> torch.Tensor:
+    """The shift the tracer passes to moments(): the mean of the tensor's fixed subsample."""
+    return stats.take_sample(flat, stats.sample_indices(flat.numel(), 4096, CPU)).mean()
+
+
+SHIFTS = {
+    "sample_mean": sample_mean_shift,
+    "first": lambda flat: flat[0],
+}
+
+
+def finished(flat: torch.Tensor, shift: torch.Tensor | None = None,
+             scratch: torch.Tensor | None = None) -> tuple[float, float, float, float]:
     """(mean, population variance, min, max) through moments + finish_moments."""
-    c, s1, s2, lo, hi = stats.moments(flat, scratch).double().tolist()
+    if shift is None:
+        shift = sample_mean_shift(flat)
+    c, s1, s2, lo, hi = stats.moments(flat, shift, scratch).double().tolist()
     mean, m2 = stats.finish_moments(flat.numel(), c, s1, s2)
     return mean, m2 / flat.numel(), lo, hi
 
@@ -54,21 +68,23 @@ MOMENT_CASES = {
 
 
 @pytest.mark.parametrize("use_scratch", [False, True], ids=["no_scratch", "scratch"])
+@pytest.mark.parametrize("shift", list(SHIFTS))
 @pytest.mark.parametrize("case", list(MOMENT_CASES))
-def test_moments_match_numpy(case, use_scratch):
+def test_moments_match_numpy(case, shift, use_scratch):
     x = MOMENT_CASES[case](gen(1))
     ref = x.double().numpy()
+    c = SHIFTS[shift](x)
     scratch = torch.empty_like(x) if use_scratch else None
-    mean, var, lo, hi = finished(x, scratch)
+    mean, var, lo, hi = finished(x, c, scratch)
     assert abs(mean - ref.mean()) < 1e-6 * (abs(ref.mean()) + ref.std())
     assert rel(var, ref.var()) < 1e-3
     # min and max are values of the tensor: exact
     assert lo == ref.min()
     assert hi == ref.max()
     if use_scratch:
-        # the scratch buffer receives the shifted values x - x[0] (float32 subtraction)
+        # the scratch buffer receives the shifted values x - c (float32 subtraction)
         xs = x.numpy()
-        np.testing.assert_array_equal(scratch.numpy(), xs - xs[0])
+        np.testing.assert_array_equal(scratch.numpy(), xs - np.float32(c.item()))
 
 
 @pytest.mark.parametrize("case", ["offset_1000", "saturated_sigmoid"])
@@ -97,7 +113,7 @@ def test_naive_float32_variance_fails_where_shift_succeeds(case):
 def test_moments_float64_input():
     g = gen(2)
     x = (1e6 + 1e-3 * torch.randn(50_000, generator=g, dtype=torch.float64))
-    out = stats.moments(x)
+    out = stats.moments(x, sample_mean_shift(x))
     assert out.dtype == torch.float64
     ref = x.numpy()
     mean, var, lo, hi = finished(x)
@@ -106,16 +122,20 @@ def test_moments_float64_input():
     assert lo == ref.min() and hi == ref.max()
 
 
-def test_moments_shift_sums_definition():
-    """[c, S1, S2, min, max] with c = x[0], against float64 numpy sums."""
+@pytest.mark.parametrize("shift", [0.0, 7.25, -3.0])
+def test_moments_shift_sums_definition(shift):
+    """[c, S1, S2, min, max] with the given shift c, against float64 numpy sums."""
     x = torch.randn(1000, generator=gen(3), dtype=torch.float64) + 7.0
-    c, s1, s2, lo, hi = stats.moments(x).tolist()
+    c, s1, s2, lo, hi = stats.moments(x, torch.tensor(shift)).tolist()
     ref = x.numpy()
-    d = ref - ref[0]
-    assert c == ref[0]
+    d = ref - shift
+    assert c == shift
     assert s1 == pytest.approx(d.sum(), rel=1e-12, abs=1e-9)
     assert s2 == pytest.approx((d * d).sum(), rel=1e-12)
     assert (lo, hi) == (ref.min(), ref.max())
+    mean, m2 = stats.finish_moments(len(ref), c, s1, s2)
+    assert mean == pytest.approx(ref.mean(), rel=1e-13)
+    assert m2 / len(ref) == pytest.approx(ref.var(), rel=1e-11)
 
 
 def test_finish_moments_exact_small():
@@ -180,7 +200,7 @@ def test_merge_moments_through_moments_kernel():
     ]
     merged = (0, 0.0, 0.0)
     for ch in chunks:
-        c, s1, s2, _, _ = stats.moments(ch).double().tolist()
+        c, s1, s2, _, _ = stats.moments(ch, sample_mean_shift(ch)).double().tolist()
         merged = stats.merge_moments(merged, (ch.numel(), *stats.finish_moments(ch.numel(), c, s1, s2)))
     full = torch.cat(chunks).double().numpy()
     n, mean, m2 = merged
@@ -483,32 +503,31 @@ def test_nonfinite_fraction(dtype):
 
 
 def reference_histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    fin = values[np.isfinite(values)]
-    inner, _ = np.histogram(fin, bins=edges)
+    fin = values[np.isfinite(values)].astype(np.float64)
+    inner, _ = np.histogram(fin, bins=edges.astype(np.float64))
     return np.concatenate([[np.sum(fin < edges[0])], inner, [np.sum(fin > edges[-1])]])
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_histogram_matches_numpy(dtype):
-    edges = torch.linspace(-1.0, 1.0, 9, dtype=dtype)
-    x = 0.8 * torch.randn(5000, generator=gen(20), dtype=dtype)
+    edges = np.linspace(-1.0, 1.0, 9)
+    x = (0.8 * torch.randn(5000, generator=gen(20), dtype=torch.float64)).numpy().astype(dtype)
     # values exactly on every edge (twice), and non-finite ones that must be left out
-    special = torch.cat([edges, edges, torch.tensor([math.nan, math.inf, -math.inf, math.nan], dtype=dtype)])
-    x = torch.cat([x, special])
-    counts = stats.histogram(x, edges)
-    assert counts.dtype == torch.int64 and counts.shape == (edges.numel() + 1,)
-    ref = reference_histogram(x.double().numpy(), edges.double().numpy())
-    np.testing.assert_array_equal(counts.numpy(), ref)
-    assert int(counts.sum()) == int(np.isfinite(x.numpy()).sum())
+    special = np.concatenate([edges, edges, [math.nan, math.inf, -math.inf, math.nan]]).astype(dtype)
+    x = np.concatenate([x, special])
+    counts = np.asarray(stats.histogram(x, edges))
+    assert np.issubdtype(counts.dtype, np.integer) and counts.shape == (len(edges) + 1,)
+    ref = reference_histogram(x, edges)
+    np.testing.assert_array_equal(counts, ref)
+    assert int(counts.sum()) == int(np.isfinite(x).sum())
     assert ref[0] > 0 and ref[-1] > 0  # under- and overflow are exercised
 
 
 def test_histogram_edge_values_closed_left_last_closed():
-    edges = torch.tensor([0.0, 1.0, 2.0, 3.0])
-    x = torch.tensor([0.0, 1.0, 2.0, 3.0, -1e-7, 3.0000002, 0.5])
-    counts = stats.histogram(x, edges).numpy()
-    ref = reference_histogram(x.double().numpy(), edges.double().numpy())
-    np.testing.assert_array_equal(counts, ref)
+    edges = np.array([0.0, 1.0, 2.0, 3.0])
+    x = np.array([0.0, 1.0, 2.0, 3.0, -1e-7, 3.0000002, 0.5, np.nextafter(3.0, 4.0), np.nextafter(0.0, -1.0)])
+    counts = np.asarray(stats.histogram(x, edges))
+    np.testing.assert_array_equal(counts, reference_histogram(x, edges))
 
 
 def test_histogram_with_hist_edges_sigmoid():
@@ -518,12 +537,16 @@ def test_histogram_with_hist_edges_sigmoid():
     y = torch.sigmoid(x)
     assert bool((y == 1.0).any()) and bool((y == 0.0).any())
     kind = stats.nonlinearity(nn.Sigmoid())
-    lo, hi = stats.moments(y)[3:5]
-    edges = stats.hist_edges(lo, hi, kind, 20)
-    counts = stats.histogram(y, edges.to(y.dtype)).numpy()
-    ref = reference_histogram(y.double().numpy(), edges.double().numpy())
+    _, _, _, lo, hi = stats.moments(y, sample_mean_shift(y)).tolist()
+    edges = np.asarray(stats.hist_edges(lo, hi, kind, 20), dtype=np.float64)
+    counts = np.asarray(stats.histogram(y.numpy(), edges))
+    ref = reference_histogram(y.numpy(), edges)
     np.testing.assert_array_equal(counts, ref)
     assert counts[0] == 0 and counts[-1] == 0
+
+
+def edges_of(lo: float, hi: float, kind, bins: int) -> np.ndarray:
+    return np.asarray(stats.hist_edges(lo, hi, kind, bins), dtype=np.float64)
 
 
 @pytest.mark.parametrize(
@@ -534,8 +557,8 @@ def test_histogram_with_hist_edges_sigmoid():
 )
 def test_hist_edges_bounded(module, low, high):
     bins = 16
-    edges = stats.hist_edges(torch.tensor(0.3), torch.tensor(0.4), stats.nonlinearity(module), bins)
-    np.testing.assert_allclose(edges.double().numpy(), np.linspace(low, high, bins + 1), rtol=0, atol=1e-6)
+    edges = edges_of(0.3, 0.4, stats.nonlinearity(module), bins)
+    np.testing.assert_allclose(edges, np.linspace(low, high, bins + 1), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("kind_module", [None, nn.ReLU(), nn.ELU(), nn.LeakyReLU(), nn.Softplus()],
@@ -544,7 +567,7 @@ def test_hist_edges_bounded(module, low, high):
 def test_hist_edges_widened_range(kind_module, lo, hi):
     bins = 12
     kind = None if kind_module is None else stats.nonlinearity(kind_module)
-    edges = stats.hist_edges(torch.tensor(lo), torch.tensor(hi), kind, bins).double().numpy()
+    edges = edges_of(lo, hi, kind, bins)
     w = hi - lo
     expect = np.linspace(lo - w / 4, hi + w / 4, bins + 1)
     assert edges.shape == (bins + 1,)
@@ -554,11 +577,11 @@ def test_hist_edges_widened_range(kind_module, lo, hi):
 @pytest.mark.parametrize(
     "lo,hi",
     [(2.5, 2.5), (0.0, 0.0), (-40.0, -40.0), (math.nan, math.nan), (math.nan, 1.0), (-3.0, math.nan),
-     (-math.inf, math.inf), (math.inf, math.inf)],
+     (-math.inf, math.inf), (math.inf, math.inf), (-3.0, math.inf), (-math.inf, 5.0)],
 )
 def test_hist_edges_degenerate(lo, hi):
     bins = 10
-    edges = stats.hist_edges(torch.tensor(lo), torch.tensor(hi), None, bins).double().numpy()
+    edges = edges_of(lo, hi, None, bins)
     assert edges.shape == (bins + 1,)
     assert np.all(np.isfinite(edges))
     assert np.all(np.diff(edges) > 0)
