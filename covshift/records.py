@@ -66,7 +66,7 @@ def fetch(groups: list[Slots]) -> None:
 class LayerStep:
     """What one layer left during one step; ints are host values, others are handles."""
 
-    calls: list[tuple[int, int]] = field(default_factory=list)  # (numel, moments)
+    moments: list[tuple[int, int]] = field(default_factory=list)  # (numel, moments) of each call
     samples: list[int] = field(default_factory=list)  # the subsample of each call
     maxima: list[int] = field(default_factory=list)  # per-unit maxima of each call (ReLU family)
     pooled: np.ndarray | None = None  # the calls' samples pooled, set by summarize
@@ -155,9 +155,9 @@ class StepRecord:
     def value_range(self, name: str) -> tuple[float, float] | None:
         """``(min, max)`` of a layer's outputs in this step, or None when it made none."""
         ls = self.layers.get(name)
-        if ls is None or not ls.calls:
+        if ls is None or not ls.moments:
             return None
-        values = np.stack([self.slots.get(h) for _, h in ls.calls])
+        values = np.stack([self.slots.get(h) for _, h in ls.moments])
         return float(values[:, 3].min()), float(values[:, 4].max())
 
 
@@ -182,7 +182,7 @@ def summarize(records: list[StepRecord], kinds: dict[str, stats.Nonlinearity | N
     for rec in records:
         for name, ls in rec.layers.items():
             if ls.samples:
-                sizes = [n for n, _ in ls.calls]
+                sizes = [n for n, _ in ls.moments]
                 ls.pooled = pool(sizes, [rec.slots.get(h) for h in ls.samples], rng)
                 groups[(name, len(ls.pooled))].append(ls)
     for (name, _), members in groups.items():
@@ -194,10 +194,10 @@ def summarize(records: list[StepRecord], kinds: dict[str, stats.Nonlinearity | N
 def layer_metrics(ls: LayerStep, slots: Slots, has_kind: bool) -> list[tuple[str, float]]:
     """The finished layer metrics of one step, merging every call of the module exactly."""
     out: list[tuple[str, float]] = []
-    if ls.calls:
+    if ls.moments:
         merged = (0, 0.0, 0.0)
         lows, highs = [], []
-        for n, handle in ls.calls:
+        for n, handle in ls.moments:
             c, s1, s2, lo, hi = slots.get(handle)
             mean, m2 = stats.finish_moments(n, c, s1, s2)
             merged = stats.merge_moments(merged, (n, mean, m2))

@@ -200,7 +200,7 @@ class Tracer:
             layer.indices[flat.numel()] = stats.sample_indices(flat.numel(), self.sample_size, flat.device)
         sample = stats.take_sample(flat, layer.indices[flat.numel()])
         entry.samples.append(put(sample, raw=True))
-        entry.calls.append((flat.numel(), put(stats.moments(flat, sample.mean(), self._scratch_for(flat)))))
+        entry.moments.append((flat.numel(), put(stats.moments(flat, sample.mean(), self._scratch_for(flat)))))
         if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
             entry.maxima.append(put(stats.unit_max(y)))
         if rec.detail and y.dim() >= 2:
