@@ -84,21 +84,14 @@ class StepRecord:
     detail: bool = False  # a detail step: per-unit statistics and histograms
     slots: Slots = field(default_factory=Slots)
     layers: dict[str, LayerStep] = field(default_factory=dict)
-    loss: float | int | None = None  # a float, or a handle when ``loss_is_handle``
-    loss_is_handle: bool = False
-    lr: float | int | None = None
-    lr_is_handle: bool = False
+    loss: int | None = None
+    lr: int | None = None
     grad_params: list[int] = field(default_factory=list)  # indices of params that had a grad
     grad_norms: int | None = None
     tracked: list[tuple[str, str, int]] = field(default_factory=list)  # (layer, attr, param index)
     weight_norms: int | None = None
     update_norms: int | None = None
     prev_norms: int | None = None
-
-    def scalar(self, value: float | int | None, is_handle: bool) -> float | None:
-        if value is None:
-            return None
-        return float(self.slots.get(value)[0]) if is_handle else float(value)
 
     def rows(self, kinds: dict[str, bool]) -> list[tuple[str, str, float]]:
         """``(layer, metric, value)`` rows; ``kinds[layer]`` says whether the layer has a
@@ -120,13 +113,11 @@ class StepRecord:
                 if upd is not None and prev is not None:
                     ratio = upd[j] / prev[j] if prev[j] > 0 else math.nan
                     out.append((layer, f"{attr}.update_ratio", float(ratio)))
-        for metric, value in (
-            ("loss", self.scalar(self.loss, self.loss_is_handle)),
-            ("lr", self.scalar(self.lr, self.lr_is_handle)),
-            ("grad_norm", float(np.sqrt(np.sum(gnorm**2))) if len(gnorm) else None),
-        ):
-            if value is not None:
-                out.append(("", metric, value))
+        for metric, handle in (("loss", self.loss), ("lr", self.lr)):
+            if handle is not None:
+                out.append(("", metric, float(get(handle)[0])))
+        if len(gnorm):
+            out.append(("", "grad_norm", float(np.sqrt(np.sum(gnorm**2)))))
         return out
 
     def unit_rows(self) -> list[tuple[str, int, float, float]]:

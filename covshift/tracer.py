@@ -73,6 +73,13 @@ def first_tensor(output: Any) -> Tensor | None:
     return None
 
 
+def _scalar(value: Tensor | float) -> Tensor:
+    """A one-element float tensor of ``value``, kept apart from later in-place changes."""
+    if isinstance(value, Tensor):
+        return value.detach().reshape(1).float().clone()
+    return torch.tensor([float(value)], dtype=torch.float64)
+
+
 class Tracer:
     """Records per-layer statistics of ``model`` at every step into a trace file.
 
@@ -138,7 +145,7 @@ class Tracer:
         self._step = 0
         self._current = self._new_record()
         self._closed = False
-        self._scratch: dict[tuple[int, torch.dtype, torch.device], Tensor] = {}
+        self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     # lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> "Tracer":
@@ -212,12 +219,14 @@ class Tracer:
             layer.position = next(self._order)
 
     def _scratch_for(self, flat: Tensor) -> Tensor:
-        """A buffer the size of ``flat``, reused by every layer of that size (hooks run one
-        at a time, and device work is ordered on the stream)."""
-        key = (flat.numel(), flat.dtype, flat.device)
-        if key not in self._scratch:
-            self._scratch[key] = torch.empty_like(flat)
-        return self._scratch[key]
+        """A buffer for ``flat``'s shifted values: one per dtype and device, as large as the
+        largest output so far, shared by every layer (hooks run one at a time, and device
+        work is ordered on the stream)."""
+        key = (flat.dtype, flat.device)
+        buffer = self._scratch.get(key)
+        if buffer is None or buffer.numel() < flat.numel():
+            buffer = self._scratch[key] = torch.empty_like(flat)
+        return buffer[: flat.numel()]
 
     def _on_grad(self, name: str, grad: Tensor) -> None:
         if self._closed or grad is None:
@@ -266,18 +275,10 @@ class Tracer:
             rec.prev_norms = put(torch.stack(torch._foreach_norm(self._prev)))
 
     def _record_scalars(self, rec: StepRecord, loss: Tensor | float | None) -> None:
-        if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"loss must be a single value, got a tensor of shape {tuple(loss.shape)}")
-            rec.loss, rec.loss_is_handle = rec.slots.put(loss.detach().float().clone()), True
-        elif loss is not None:
-            rec.loss = float(loss)
-        if self.optimizer is not None and self.optimizer.param_groups:
-            lr = self.optimizer.param_groups[0].get("lr")
-            if isinstance(lr, Tensor):
-                rec.lr, rec.lr_is_handle = rec.slots.put(lr.detach().float().clone()), True
-            elif lr is not None:
-                rec.lr = float(lr)
+        if isinstance(loss, Tensor) and loss.numel() != 1:
+            raise ValueError(f"loss must be a single value, got a tensor of shape {tuple(loss.shape)}")
+        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer and self.optimizer.param_groups else None
+        rec.loss, rec.lr = (None if v is None else rec.slots.put(_scalar(v)) for v in (loss, lr))
 
     def _snapshot(self) -> None:
         """Keep the tracked weights as they are before the next optimizer step."""
