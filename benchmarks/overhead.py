@@ -16,6 +16,7 @@ import copy
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -34,13 +35,13 @@ def mlp() -> tuple[nn.Module, torch.Size]:
     return nn.Sequential(*layers, nn.Linear(100, 10)), torch.Size([64, 784])
 
 
-def cnn() -> tuple[nn.Module, torch.Size]:
-    """Three 3x3 conv layers of 32 channels with ReLU on 32x32x3 inputs, then a linear head."""
+def cnn(channels: int = 32) -> tuple[nn.Module, torch.Size]:
+    """Three 3x3 conv layers with ReLU on 32x32x3 inputs, then a linear head."""
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+        nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10),
     ), torch.Size([64, 3, 32, 32])
 
 
@@ -82,7 +83,7 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
             ratios.append(t_traced / t_plain)
             plain_times.append(t_plain / block)
     ratio = statistics.median(ratios)
-    print(f"{name:4s} {device.type}: plain {statistics.median(plain_times) * 1e3:7.2f} ms/step, "
+    print(f"{name:5s} {device.type}: plain {statistics.median(plain_times) * 1e3:7.2f} ms/step, "
           f"traced/plain {ratio:.3f} (rounds {min(ratios):.3f}..{max(ratios):.3f})", flush=True)
     return ratio
 
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--block", type=int, default=50, help="steps per timed block")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--channels", type=int, default=32, help="channels of the CNN's conv layers")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -101,7 +103,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, covshift {covshift.__version__}, {torch.get_num_threads()} CPU threads")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            measure(name, {"mlp": mlp, "cnn": cnn}[name], device, args.rounds, args.block, Path(folder))
+            build = {"mlp": mlp, "cnn": partial(cnn, args.channels)}[name]
+            measure(f"{name}{args.channels if name == 'cnn' else ''}", build, device, args.rounds, args.block,
+                    Path(folder))
 
 
 if __name__ == "__main__":

@@ -44,14 +44,14 @@ def info(trace: Path = typer.Argument(..., help="A trace file written by covshif
         with load(trace) as t:
             scalars = t.scalars()
             layers = t.layer_info()
-            configs = {run: t.config(run) for run in t.runs}
+            runs = t.runs
     except TraceError as e:
         typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
     table = Table(title=str(trace))
     for column in ("run", "steps recorded", "last step", "layers", "final loss"):
         table.add_column(column)
-    for run, config in configs.items():
+    for run in runs:
         rows = scalars[scalars["run"] == run]
         loss = rows[rows["metric"] == "loss"]["value"]
         table.add_row(

@@ -16,7 +16,8 @@ import os
 import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -170,7 +171,7 @@ class TraceWriter:
         self.conn.close()
 
 
-def load(path: str | os.PathLike[str]) -> "Trace":
+def load(path: str | os.PathLike[str]) -> Trace:
     """Open a trace file for reading; raises :class:`TraceError` when it cannot."""
     return Trace(path)
 
@@ -194,7 +195,7 @@ class Trace:
             self._conn.close()
             raise
 
-    def __enter__(self) -> "Trace":
+    def __enter__(self) -> Trace:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -120,6 +120,7 @@ class Tracer:
             raise ValueError(f"detail_every ({detail_every}) must be a multiple of every ({every})")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: hook the model it wraps
         self.model, self.path, self.run, self.optimizer = model, os.fspath(path), run, optimizer
         self.every, self.detail_every, self.flush_every = every, detail_every, flush_every
         self.sample_size, self.bins, self.overwrite = sample_size, bins, overwrite
@@ -148,13 +149,13 @@ class Tracer:
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
 
     # lifecycle -----------------------------------------------------------------------
-    def __enter__(self) -> "Tracer":
+    def __enter__(self) -> Tracer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self) -> "Tracer":
+    def start(self) -> Tracer:
         """Open the trace file, add this run and attach the hooks (``with`` does this)."""
         if self._writer is not None:
             raise RuntimeError("this Tracer has already been started")

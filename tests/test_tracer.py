@@ -371,7 +371,7 @@ def test_inplace_relu_records_pre_activation_and_its_gradient(tmp_path):
         for name in names:
             exp = expected_metrics(ref.outs[name], ref.grads[name], "relu" if name == "1" else None)
             check_layer(layer_row(tab, step, name), exp)
-        pre, post = ref.outs["0"][0], ref.outs["1"][0]
+        pre = ref.outs["0"][0]
         assert pre.min() < 0 and tab[(step, "0", "min")] < 0  # stats are of the pre-ReLU output
         g_pre, g_post = ref.grads["0"][0], ref.grads["1"][0]
         assert not np.isclose(np.linalg.norm(g_pre), np.linalg.norm(g_post), rtol=1e-3)
@@ -1101,3 +1101,36 @@ def test_mean_var_exact_with_outlier_at_first_position(tmp_path):
     y = x.double().numpy()
     assert tab[(0, "0", "var")] == pytest.approx(y.var(), rel=1e-4)
     assert abs(tab[(0, "0", "mean")] - y.mean()) <= 1e-4 * (abs(y.mean()) + y.std())
+
+
+def test_hooks_run_inside_torch_compile(tmp_path):
+    """The hooks are plain tensor code: a torch.compile'd model records what eager records."""
+    def train(compiled):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run = torch.compile(model, backend="eager") if compiled else model
+        x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+        path = tmp_path / f"{compiled}.covshift"
+        with covshift.Tracer(model, path, optimizer=opt) as tracer:
+            for _ in range(3):
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(run(x), y)
+                loss.backward()
+                opt.step()
+                tracer.step(loss=loss)
+        return covshift.load(path).scalars()
+
+    eager, compiled = train(False), train(True)
+    assert len(compiled) == len(eager) > 0
+    assert (compiled[["step", "layer", "metric"]].to_numpy() == eager[["step", "layer", "metric"]].to_numpy()).all()
+    np.testing.assert_allclose(compiled["value"], eager["value"], rtol=1e-5, atol=1e-7)
+
+
+def test_tracer_unwraps_a_compiled_model(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    compiled = torch.compile(model, backend="eager")
+    with covshift.Tracer(compiled, tmp_path / "t.covshift") as tracer:
+        compiled(torch.randn(5, 3)).sum().backward()
+        tracer.step()
+    assert covshift.load(tmp_path / "t.covshift").layers == ["0", "1"]
