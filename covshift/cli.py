@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
+
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
+from .modelfile import ModelFileError
+from .modelfile import load as load_model_file
+from .runner import Interrupted, Outcome, train_pair
 from .store import TraceError, load
+from .variants import VariantError
 
 app = typer.Typer(
     help="Show why a neural network trains well or badly: record per-layer statistics "
@@ -31,7 +38,8 @@ def root(
     version: bool = typer.Option(
         False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
-    """Record with covshift.Tracer in your training loop, then inspect the trace file here."""
+    """Trace a model file's BatchNorm / no-BatchNorm pair (covshift trace), or inspect a trace
+    recorded with covshift.Tracer in your own loop (covshift info)."""
 
 
 @app.command()
@@ -64,6 +72,104 @@ def info(trace: Path = typer.Argument(..., help="A trace file written by covshif
     Console().print(table)
     metrics = sorted(set(scalars["metric"]))
     typer.echo(f"metrics: {', '.join(metrics) if metrics else 'none'}")
+
+
+def _fail(message: str, detail: str | None = None, code: int = 2) -> typer.Exit:
+    """Print a one-line error (and the user's own traceback, when given); the caller raises."""
+    typer.echo(f"error: {message}", err=True)
+    if detail:
+        typer.echo(f"in your code:\n{detail.rstrip()}", err=True)
+    return typer.Exit(code)
+
+
+def _summary(outcomes: list[Outcome], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("run", "steps", "train loss", "val loss", "val accuracy", "wall time", "diverged"):
+        table.add_column(column)
+
+    def number(value: float | None, fmt: str = ".4g") -> str:
+        return "-" if value is None else format(value, fmt)
+
+    for o in outcomes:
+        diverged = "-" if o.diverged_at is None else f"at step {o.diverged_at}" + (
+            f" ({o.first_nonfinite_layer})" if o.first_nonfinite_layer else "")
+        table.add_row(o.run, str(o.steps), number(o.train_loss), number(o.val_loss),
+                      number(o.val_accuracy, ".1%"), f"{o.wall_time:.1f} s",
+                      diverged + (" (interrupted)" if o.interrupted else ""))
+    return table
+
+
+@app.command()
+def trace(
+    model_file: str = typer.Argument(
+        ..., metavar="MODEL_FILE[:FACTORY]",
+        help="A Python file defining build_model(batchnorm) or build_model() or `model`, and data(). "
+             "Append :NAME to use another factory."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs to train (default: the file's config, else 5)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps to train; overrides --epochs."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate (default: config, else 0.1)."),
+    batch_size: Optional[int] = typer.Option(None, help="Mini-batch size (default: config, the DataLoader's, else 64)."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adam (default: config, else sgd)."),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum (default: config, else 0)."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default: config, else 0)."),
+    seed: Optional[int] = typer.Option(None, help="Seed of both runs: initial weights and batch order."),
+    only: Optional[str] = typer.Option(None, help="Train only the bn or the nobn variant."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: reports/<model file stem>/)."),
+    every: int = typer.Option(1, help="Record layer statistics every N steps."),
+    detail_every: int = typer.Option(50, help="Steps between per-unit statistics and histograms."),
+    eval_every: Optional[int] = typer.Option(None, help="Also validate every N steps (always at epoch ends)."),
+    debug: bool = typer.Option(False, help="Show full tracebacks."),
+) -> None:
+    """Train the model twice, with and without BatchNorm, under identical conditions, and
+    record both runs into OUT/trace.covshift.
+
+    Both runs share the seed, the mini-batch order and the initial weights of every layer
+    they have in common. A model without BatchNorm gets it inserted after each Linear/Conv
+    that feeds a nonlinearity; a model with BatchNorm gets it replaced by Identity.
+
+    Example: covshift trace examples/mlp_sigmoid.py --epochs 3 --lr 0.5
+    """
+    if only not in (None, "bn", "nobn"):
+        raise _fail(f"--only takes bn or nobn, not {only!r}")
+    overrides = {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
+                 "momentum": momentum, "weight_decay": weight_decay, "seed": seed, "device": device,
+                 "every": every, "detail_every": detail_every, "eval_every": eval_every}
+    console = Console(stderr=True)
+    try:
+        mf = load_model_file(model_file)
+        folder = out if out is not None else Path("reports") / mf.path.stem
+        path = folder / "trace.covshift"
+        with Progress(TextColumn("{task.description:>5}"), BarColumn(), MofNCompleteColumn(),
+                      TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console) as progress:
+            tasks: dict[str, int] = {}
+
+            def on_step(run: str, step: int, total: int, loss: float) -> None:
+                if run not in tasks:
+                    tasks[run] = progress.add_task(run, total=total, loss="-")
+                progress.update(tasks[run], completed=step, loss=f"{loss:.4g}")
+
+            outcomes = train_pair(mf, overrides, path, only, on_step)
+    except (ModelFileError, VariantError, TraceError, ValueError) as e:
+        if debug:
+            raise
+        raise _fail(str(e), getattr(e, "user_traceback", None)) from None
+    except Interrupted as e:
+        Console().print(_summary(e.outcomes, "interrupted: the trace keeps every step flushed so far"))
+        typer.echo(f"interrupted; trace: {path}", err=True)
+        raise typer.Exit(130) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted before training started", err=True)
+        raise typer.Exit(130) from None
+    except Exception as e:
+        if debug:
+            raise
+        raise _fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", code=1) from None
+    Console().print(_summary(outcomes, str(path)))
+    diverged = [o.run for o in outcomes if o.diverged_at is not None]
+    if diverged:
+        typer.echo(f"diverged: {', '.join(diverged)} (recorded in the trace; the other run carried on)")
+    typer.echo(f"trace: {path}")
 
 
 def main() -> None:

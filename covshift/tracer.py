@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stats
-from .records import LayerStep, StepRecord, fetch, summarize
+from .records import LayerStep, Slots, StepRecord, fetch, summarize
 from .store import TraceWriter
 
 #: Name given to the model itself when it is hooked (its qualified name is empty).
@@ -142,6 +142,8 @@ class Tracer:
         self._run_id = 0
         self._order = itertools.count()
         self._pending: list[StepRecord] = []
+        self._logged = Slots()  # values given to log(), with their rows in _log_rows
+        self._log_rows: list[tuple[int, str, int]] = []
         self._prev: list[Tensor] | None = None
         self._step = 0
         self._current = self._new_record()
@@ -180,7 +182,7 @@ class Tracer:
         self._closed = True
         try:
             self.flush()
-            self._writer.update_config(self._run_id, steps=self._step)
+            self._writer.update_config(self._run_id, **{**self.config, "steps": self._step})
         finally:
             for handle in self._handles:
                 handle.remove()
@@ -290,13 +292,25 @@ class Tracer:
             else:
                 torch._foreach_copy_(self._prev, params)
 
+    def log(self, step: int | None = None, **values: Tensor | float) -> None:
+        """Record run metrics such as ``val_loss=...`` at ``step`` (default: the last step
+        ended), whether or not that step's layer statistics were recorded. Tensors are
+        not synchronised.
+
+        >>> tracer.log(val_loss=val_loss, val_accuracy=0.93)  # doctest: +SKIP
+        """
+        at = max(self._step - 1, 0) if step is None else step
+        for name, value in values.items():
+            self._log_rows.append((at, name, self._logged.put(_scalar(value))))
+
     # flushing --------------------------------------------------------------------------
     def flush(self) -> None:
         """Write every recorded step to the file now, in one transaction (one host sync)."""
-        if not self._pending or self._writer is None:
+        if (not self._pending and not self._log_rows) or self._writer is None:
             return
         records, self._pending = self._pending, []
-        fetch([r.slots for r in records])
+        logged, rows, self._logged, self._log_rows = self._logged, self._log_rows, Slots(), []
+        fetch([r.slots for r in records] + [logged])
         summarize(records, {n: layer.kind for n, layer in self._layers.items()})
         for name, layer in self._layers.items():
             ranges = (r.value_range(name) for r in records)
@@ -305,7 +319,8 @@ class Tracer:
                 layer.edges = stats.hist_edges(*first, layer.kind, self.bins)
         kinds = {n: layer.kind is not None for n, layer in self._layers.items()}
         edges = {n: layer.edges for n, layer in self._layers.items()}
-        scalars, units, hists = [], [], []
+        scalars = [(step, "", name, float(logged.get(h)[0])) for step, name, h in rows]
+        units, hists = [], []
         for r in records:
             scalars += [(r.step, layer, metric, value) for layer, metric, value in r.rows(kinds)]
             units += [(r.step, *row) for row in r.unit_rows()]

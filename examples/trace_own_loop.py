@@ -14,21 +14,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 import covshift
-
-
-def digits(seed: int = 0) -> tuple[torch.utils.data.TensorDataset, torch.utils.data.TensorDataset]:
-    """Train/validation split of the digits, pixels scaled to [0, 1]."""
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x / 16.0, dtype=torch.float32)
-    y = torch.tensor(y, dtype=torch.long)
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    train, val = order[:1400], order[1400:]
-    return (torch.utils.data.TensorDataset(x[train], y[train]),
-            torch.utils.data.TensorDataset(x[val], y[val]))
+from covshift.datasets import digits
 
 
 def build_model() -> nn.Module:

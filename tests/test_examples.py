@@ -17,7 +17,7 @@ def test_trace_own_loop_example(tmp_path):
     assert done.returncode == 0, done.stderr
     trace = covshift.load(out)
     assert trace.runs == ["sigmoid-mlp"]
-    assert trace.config("sigmoid-mlp")["steps"] == 44  # 1400 training digits, batch 64, 2 epochs
+    assert trace.config("sigmoid-mlp")["steps"] == 46  # 1438 training digits, batch 64, 2 epochs
     assert "saturation" in done.stdout and "gain" in done.stdout
     sigmoids = trace.layer_info().query("nonlinearity == 'sigmoid'")["layer"].tolist()
     assert sigmoids == ["1", "3", "5"]

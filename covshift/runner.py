@@ -1,0 +1,264 @@
+"""Training a model's BatchNorm / no-BatchNorm pair under identical conditions, traced.
+
+Both runs get the same seed, the same sequence of mini-batches (a seeded sampler of their
+own, not the global RNG), the same optimizer settings, and every layer the variants share
+starts from the same weights. Each run is recorded into the trace under its variant name.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from .modelfile import ModelFile, ModelFileError, user_traceback
+from .store import load
+from .tracer import Tracer
+from .variants import derive_pair, share_weights
+
+VARIANTS = ("bn", "nobn")
+StepCallback = Callable[[str, int, int, float], None]  # run, step, total steps, loss
+
+
+@dataclass
+class Settings:
+    """Training settings: defaults, overridden by the model file's ``config``, overridden
+    by the command line."""
+
+    epochs: int = 5
+    steps: int | None = None  # total optimizer steps; overrides epochs
+    lr: float = 0.1
+    batch_size: int | None = None  # None: the DataLoader's, else 64
+    optimizer: str = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    every: int = 1
+    detail_every: int = 50
+    eval_every: int | None = None
+
+    @classmethod
+    def resolve(cls, *layers: dict[str, Any]) -> Settings:
+        """Settings from dicts applied in order; None values are skipped."""
+        names = {f.name for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for layer in layers:
+            values.update({k: v for k, v in layer.items() if k in names and v is not None})
+        settings = cls(**values)
+        if settings.optimizer not in ("sgd", "adam"):
+            raise ModelFileError(f"optimizer must be sgd or adam, got {settings.optimizer!r}")
+        return settings
+
+
+@dataclass
+class Outcome:
+    """How one run ended."""
+
+    run: str
+    steps: int = 0
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_accuracy: float | None = None
+    wall_time: float = 0.0
+    diverged_at: int | None = None
+    first_nonfinite_layer: str | None = None
+    interrupted: bool = False
+
+
+class Interrupted(Exception):
+    """Ctrl-C during training; ``outcomes`` says how far each run got (the trace is flushed)."""
+
+    def __init__(self, outcomes: list[Outcome]) -> None:
+        super().__init__("interrupted")
+        self.outcomes = outcomes
+
+
+def loader(data: Dataset | DataLoader, batch_size: int, seed: int | None) -> DataLoader:
+    """A DataLoader over ``data`` (a Dataset, or a DataLoader's dataset and collate_fn) that
+    shuffles with its own generator seeded by ``seed`` (None: no shuffling)."""
+    collate = None
+    if isinstance(data, DataLoader):
+        data, collate = data.dataset, data.collate_fn
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=seed is not None, generator=generator,
+                      collate_fn=collate)
+
+
+def to_device(batch: Any, device: torch.device) -> tuple[Any, Any]:
+    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+        raise ModelFileError("data() must yield (input, target) pairs: each batch here has "
+                             f"{len(batch) if isinstance(batch, (tuple, list)) else type(batch).__name__} parts")
+    x, y = batch
+    return x.to(device), y.to(device)
+
+
+def build_pair(mf: ModelFile, example: Any, seed: int) -> dict[str, nn.Module]:
+    """The two variants, sharing initial weights; the user's objects are not modified."""
+    if mf.takes_batchnorm:
+        torch.manual_seed(seed)
+        bn = mf.build(True)
+        torch.manual_seed(seed)
+        nobn = mf.build(False)
+        if bn is nobn:
+            raise ModelFileError(f"{mf.factory_name}(True) and {mf.factory_name}(False) returned the same object")
+        share_weights(nobn, bn)
+        return {"bn": bn, "nobn": nobn}
+    torch.manual_seed(seed)
+    bn, nobn = derive_pair(mf.build(), example)
+    return {"bn": bn, "nobn": nobn}
+
+
+def check_model(mf: ModelFile, model: nn.Module, run: str, x: Any, y: Any) -> None:
+    """Fail early, with a clear message, when the model cannot take the data or the loss
+    cannot combine output and target."""
+    model.eval()
+    with torch.no_grad():
+        out = mf.call(f"the {run} model's forward pass on a batch of data()", model, x)
+        try:
+            loss = mf.criterion(out, y)
+        except Exception as e:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ModelFileError(
+                f"the loss cannot combine the model's output ({shape}) with the target ({tuple(y.shape)}): "
+                f"{type(e).__name__}: {e}", user_traceback(e, mf.path)) from e
+    model.train()
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        raise ModelFileError("loss_fn(output, target) must return a single-value tensor")
+
+
+def evaluate(model: nn.Module, data: DataLoader, loss_fn: Callable, device: torch.device) -> tuple[float, float | None]:
+    """Mean validation loss and, for class-index targets, accuracy."""
+    model.eval()
+    total, count, correct, classify = 0.0, 0, 0, True
+    with torch.no_grad():
+        for batch in data:
+            x, y = to_device(batch, device)
+            out = model(x)
+            total += float(loss_fn(out, y)) * len(y)
+            count += len(y)
+            classify = classify and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
+            if classify:
+                correct += int((out.argmax(1) == y).sum())
+    model.train()
+    return total / max(count, 1), (correct / count if classify and count else None)
+
+
+def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:
+    if s.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+
+
+def first_nonfinite_layer(path: Path, run: str) -> tuple[int, str] | None:
+    """The earliest step and first layer (in forward order) with a non-finite output."""
+    with load(path) as trace:
+        rows = trace.scalars(run=run, metric="nonfinite")
+    rows = rows[rows["value"] > 0]
+    return None if rows.empty else (int(rows["step"].iloc[0]), str(rows["layer"].iloc[0]))
+
+
+def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLoader, val: Dataset | DataLoader,
+              s: Settings, path: Path, on_step: StepCallback | None = None) -> Outcome:
+    """Train one variant with a Tracer attached; stops at the first non-finite loss.
+    Raises :class:`Interrupted` on Ctrl-C, and :class:`ModelFileError` when the user's
+    code raises, after the trace is flushed."""
+    loss_fn = mf.criterion
+    config = {"model_file": str(mf.path), "factory": mf.factory_name}
+    device = torch.device(s.device)
+    torch.manual_seed(s.seed)
+    model.to(device).train()
+    optimizer = make_optimizer(model, s)
+    batch_size = s.batch_size or 64
+    batches = loader(train, batch_size, s.seed)
+    val_batches = loader(val, batch_size, None)
+    total = s.steps or s.epochs * len(batches)
+    outcome = Outcome(run)
+    settings = {**asdict(s), "batch_size": batch_size, "planned_steps": total}
+    del settings["steps"]  # "steps" is what the run did, set when the tracer closes
+    start = time.perf_counter()
+
+    validated = [-1]  # the step of the last validation
+
+    def validate(tracer: Tracer) -> None:
+        if validated[0] == outcome.steps:
+            return
+        validated[0] = outcome.steps
+        outcome.val_loss, outcome.val_accuracy = evaluate(model, val_batches, loss_fn, device)
+        values = {"val_loss": outcome.val_loss}
+        if outcome.val_accuracy is not None:
+            values["val_accuracy"] = outcome.val_accuracy
+        tracer.log(**values)
+
+    with Tracer(model, path, run=run, optimizer=optimizer, every=s.every, detail_every=s.detail_every,
+                config={**config, **settings, "variant": run}, overwrite=True) as tracer:
+        try:
+            while outcome.steps < total and outcome.diverged_at is None:
+                for batch in batches:
+                    x, y = to_device(batch, device)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss = loss_fn(model(x), y)
+                    loss.backward()
+                    optimizer.step()
+                    tracer.step(loss=loss)
+                    outcome.steps += 1
+                    outcome.train_loss = float(loss.detach())
+                    if on_step is not None:
+                        on_step(run, outcome.steps, total, outcome.train_loss)
+                    if not math.isfinite(outcome.train_loss):
+                        outcome.diverged_at = outcome.steps - 1
+                        break
+                    if s.eval_every and outcome.steps % s.eval_every == 0:
+                        validate(tracer)
+                    if outcome.steps >= total:
+                        break
+                if outcome.diverged_at is None:
+                    validate(tracer)  # the end of an epoch, or of training
+        except KeyboardInterrupt:
+            outcome.interrupted = True
+        except Exception as e:
+            raise ModelFileError(f"the {run} run failed at step {outcome.steps}: {type(e).__name__}: {e}",
+                                 user_traceback(e, mf.path)) from e
+        finally:
+            outcome.wall_time = time.perf_counter() - start
+            tracer.flush()
+            broken = first_nonfinite_layer(path, run)
+            if broken is not None:
+                outcome.first_nonfinite_layer = broken[1]
+                if outcome.diverged_at is None:
+                    outcome.diverged_at = broken[0]
+            tracer.config.update({k: v for k, v in asdict(outcome).items() if k not in ("run", "steps")})
+    if outcome.interrupted:
+        raise Interrupted([outcome])
+    return outcome
+
+
+def train_pair(mf: ModelFile, overrides: dict[str, Any], path: Path, only: str | None = None,
+               on_step: StepCallback | None = None) -> list[Outcome]:
+    """Train the model file's BN and no-BN variants (or ``only`` one) into ``path``."""
+    s = Settings.resolve(mf.config, overrides)
+    train, val = mf.datasets()
+    if s.batch_size is None and isinstance(train, DataLoader) and train.batch_size:
+        s.batch_size = train.batch_size
+    first = next(iter(loader(train, s.batch_size or 64, s.seed)), None)
+    if first is None:
+        raise ModelFileError("data() returned an empty training set")
+    x, y = to_device(first, torch.device("cpu"))
+    variants = build_pair(mf, x, s.seed)
+    for run, model in variants.items():
+        check_model(mf, model, run, x, y)
+    outcomes: list[Outcome] = []
+    for run in VARIANTS:
+        if only is not None and run != only:
+            continue
+        try:
+            outcomes.append(train_run(mf, variants[run], run, train, val, s, path, on_step))
+        except Interrupted as e:
+            raise Interrupted(outcomes + e.outcomes) from None
+    return outcomes
