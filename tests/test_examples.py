@@ -4,7 +4,11 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+from typer.testing import CliRunner
+
 import covshift
+from covshift.cli import app
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,3 +25,43 @@ def test_trace_own_loop_example(tmp_path):
     assert "saturation" in done.stdout and "gain" in done.stdout
     sigmoids = trace.layer_info().query("nonlinearity == 'sigmoid'")["layer"].tolist()
     assert sigmoids == ["1", "3", "5"]
+
+
+EXAMPLE_FILES = ["mlp_sigmoid", "deep_tanh", "cnn", "resnet"]
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_example_model_files_trace(name, tmp_path):
+    """Every shipped model file traces both variants (a few steps here; the full run is the README's)."""
+    result = CliRunner().invoke(app, ["trace", str(ROOT / "examples" / f"{name}.py"), "--steps", "3",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    trace = covshift.load(tmp_path / "trace.covshift")
+    assert trace.runs == ["bn", "nobn"]
+    info = trace.layer_info()
+    bn_types = set(info[info["run"] == "bn"]["type"])
+    nobn_types = set(info[info["run"] == "nobn"]["type"])
+    assert any(t.startswith("BatchNorm") for t in bn_types)
+    assert not any(t.startswith("BatchNorm") for t in nobn_types)
+    for run in trace.runs:
+        assert trace.config(run)["steps"] == 3
+        assert trace.config(run)["variant"] == run
+
+
+def test_derived_variants_keep_layer_names(tmp_path):
+    """mlp_sigmoid gets BatchNorm1d after each hidden Linear; resnet loses its BatchNorm to Identity."""
+    runner = CliRunner()
+    for name in ("mlp_sigmoid", "resnet"):
+        out = tmp_path / name
+        assert runner.invoke(app, ["trace", str(ROOT / "examples" / f"{name}.py"), "--steps", "1",
+                                   "--out", str(out)]).exit_code == 0
+        info = covshift.load(out / "trace.covshift").layer_info()
+        bn = info[info["run"] == "bn"].set_index("layer")["type"]
+        nobn = info[info["run"] == "nobn"].set_index("layer")["type"]
+        if name == "mlp_sigmoid":
+            assert [n for n in bn.index if n.endswith("_bn")] == ["0_bn", "2_bn", "4_bn"]
+            assert (bn[["0_bn", "2_bn", "4_bn"]] == "BatchNorm1d").all()
+            assert list(nobn.index) == [n for n in bn.index if not n.endswith("_bn")]
+        else:
+            replaced = [n for n, t in bn.items() if t == "BatchNorm2d"]
+            assert replaced and (nobn[replaced] == "Identity").all()
