@@ -7,6 +7,7 @@ starts from the same weights. Each run is recorded into the trace under its vari
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass, fields
@@ -111,7 +112,10 @@ def build_pair(mf: ModelFile, example: Any, seed: int) -> dict[str, nn.Module]:
         share_weights(nobn, bn)
         return {"bn": bn, "nobn": nobn}
     torch.manual_seed(seed)
-    bn, nobn = derive_pair(mf.build(), example)
+    base = mf.build()
+    with torch.no_grad():  # a forward that fails on the data is the user's problem, not BatchNorm's
+        mf.call("the model's forward pass on a batch of data()", copy.deepcopy(base).eval(), example)
+    bn, nobn = derive_pair(base, example)
     return {"bn": bn, "nobn": nobn}
 
 
@@ -125,9 +129,13 @@ def check_model(mf: ModelFile, model: nn.Module, run: str, x: Any, y: Any) -> No
             loss = mf.criterion(out, y)
         except Exception as e:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ModelFileError(
-                f"the loss cannot combine the model's output ({shape}) with the target ({tuple(y.shape)}): "
-                f"{type(e).__name__}: {e}", user_traceback(e, mf.path)) from e
+            if mf.loss_fn is None:
+                message = (f"cross-entropy, the default loss, cannot combine the model's output {shape} with the "
+                           f"target {tuple(y.shape)} ({type(e).__name__}: {e}): define loss_fn(output, target) "
+                           "in the model file")
+            else:
+                message = f"loss_fn(output {shape}, target {tuple(y.shape)}) raised {type(e).__name__}: {e}"
+            raise ModelFileError(message, user_traceback(e, mf.path)) from e
     model.train()
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
         raise ModelFileError("loss_fn(output, target) must return a single-value tensor")

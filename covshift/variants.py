@@ -12,7 +12,9 @@ The user's model is never modified: every function works on a deep copy.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import operator
 from collections.abc import Iterator
 from typing import Any
@@ -348,7 +350,9 @@ def _output_shapes(
     kind = accel[0].type if accel else None
     indices = sorted({d.index or 0 for d in accel if d.type == kind})
     try:
-        with torch.random.fork_rng(devices=indices, device_type=kind), torch.no_grad():
+        # ShapeProp prints a traceback of its own before raising: keep it off the terminal
+        with torch.random.fork_rng(devices=indices, device_type=kind), torch.no_grad(), \
+                contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(*args)
     except Exception as exc:
         raise _fail(
