@@ -140,14 +140,15 @@ def trace(
         mf = load_model_file(model_file)
         folder = out if out is not None else Path("reports") / mf.path.stem
         path = folder / "trace.covshift"
-        with Progress(TextColumn("{task.description:>5}"), BarColumn(), MofNCompleteColumn(),
-                      TextColumn("loss {task.fields[loss]}"), TimeElapsedColumn(), console=console) as progress:
+        with Progress(TextColumn("{task.description:>5}"), TextColumn("epoch {task.fields[epoch]}"), BarColumn(),
+                      MofNCompleteColumn(), TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(),
+                      console=console) as progress:
             tasks: dict[str, int] = {}
 
-            def on_step(run: str, step: int, total: int, loss: float) -> None:
+            def on_step(run: str, epoch: int, step: int, total: int, loss: float) -> None:
                 if run not in tasks:
-                    tasks[run] = progress.add_task(run, total=total, loss="-")
-                progress.update(tasks[run], completed=step, loss=f"{loss:.4g}")
+                    tasks[run] = progress.add_task(run, total=total, loss="-", epoch=epoch)
+                progress.update(tasks[run], completed=step, loss=f"{loss:.4g}", epoch=epoch)
 
             outcomes = train_pair(mf, overrides, path, only, on_step)
     except (ModelFileError, VariantError, TraceError, ValueError) as e:

@@ -24,7 +24,7 @@ from .tracer import Tracer
 from .variants import derive_pair, share_weights
 
 VARIANTS = ("bn", "nobn")
-StepCallback = Callable[[str, int, int, float], None]  # run, step, total steps, loss
+StepCallback = Callable[[str, int, int, int, float], None]  # run, epoch, step, total steps, loss
 
 
 @dataclass
@@ -207,7 +207,9 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
     with Tracer(model, path, run=run, optimizer=optimizer, every=s.every, detail_every=s.detail_every,
                 config={**config, **settings, "variant": run}, overwrite=True) as tracer:
         try:
+            epoch = 0
             while outcome.steps < total and outcome.diverged_at is None:
+                epoch += 1
                 for batch in batches:
                     x, y = to_device(batch, device)
                     optimizer.zero_grad(set_to_none=True)
@@ -218,7 +220,7 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
                     outcome.steps += 1
                     outcome.train_loss = float(loss.detach())
                     if on_step is not None:
-                        on_step(run, outcome.steps, total, outcome.train_loss)
+                        on_step(run, epoch, outcome.steps, total, outcome.train_loss)
                     if not math.isfinite(outcome.train_loss):
                         outcome.diverged_at = outcome.steps - 1
                         break
