@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -82,6 +83,19 @@ def _fail(message: str, detail: str | None = None, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _device_problem(name: str) -> str | None:
+    """Why ``--device name`` cannot be used here, or None."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return f"--device {name!r} is not a device: use cpu, cuda, cuda:1, mps, ..."
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {name}: this PyTorch sees no CUDA GPU (torch.cuda.is_available() is False); use --device cpu"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {name}: MPS is not available here; use --device cpu"
+    return None
+
+
 def _summary(outcomes: list[Outcome], title: str) -> Table:
     table = Table(title=title)
     for column in ("run", "steps", "train loss", "val loss", "val accuracy", "wall time", "diverged"):
@@ -132,6 +146,9 @@ def trace(
     """
     if only not in (None, "bn", "nobn"):
         raise _fail(f"--only takes bn or nobn, not {only!r}")
+    problem = _device_problem(device)
+    if problem:
+        raise _fail(problem)
     overrides = {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
                  "momentum": momentum, "weight_decay": weight_decay, "seed": seed, "device": device,
                  "every": every, "detail_every": detail_every, "eval_every": eval_every}

@@ -717,3 +717,12 @@ def test_console_script_subprocess(tmp_path):
                              check=False, capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2
     assert missing.stderr.startswith("error:") and "Traceback" not in missing.stderr
+
+
+@pytest.mark.parametrize("device, words", [("cuda:0", "no CUDA GPU"), ("nonsense", "not a device")])
+def test_unusable_device_is_a_clear_error(tmp_path, device, words):
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    result = CliRunner().invoke(app, ["trace", str(tmp_path / "any.py"), "--device", device])
+    assert result.exit_code == 2
+    assert words in result.output and "Traceback" not in result.output
