@@ -647,10 +647,9 @@ def test_diverging_run_stops_and_the_other_carries_on(tmp_path):
     assert "diverged: nobn" in result.output
 
 
-def test_interrupt_exits_130_and_keeps_the_partial_trace(tmp_path):
-    """Ctrl-C during the nobn run's second step: the loss raises KeyboardInterrupt on its
-    sixth training call (the bn run takes four)."""
-    path = write_model(tmp_path, GOOD + '''
+def interrupting_loss(after: int) -> str:
+    """Model-file code whose loss raises KeyboardInterrupt on its ``after``-th training call."""
+    return f'''
 calls = 0
 
 
@@ -658,10 +657,16 @@ def loss_fn(output, target):
     global calls
     if torch.is_grad_enabled():
         calls += 1
-        if calls == 6:
+        if calls == {after}:
             raise KeyboardInterrupt
     return nn.functional.cross_entropy(output, target)
-''')
+'''
+
+
+def test_interrupt_exits_130_and_keeps_the_partial_trace(tmp_path):
+    """Ctrl-C during the nobn run's second step: the loss raises KeyboardInterrupt on its
+    sixth training call (the bn run takes four)."""
+    path = write_model(tmp_path, GOOD + interrupting_loss(6))
     result = invoke(path, "--steps", 4, "--out", tmp_path / "o")
     assert result.exit_code == 130, result.output
     assert "interrupted" in result.output
@@ -679,18 +684,7 @@ def loss_fn(output, target):
 
 
 def test_interrupt_during_the_first_run(tmp_path):
-    path = write_model(tmp_path, GOOD + '''
-calls = 0
-
-
-def loss_fn(output, target):
-    global calls
-    if torch.is_grad_enabled():
-        calls += 1
-        if calls == 3:
-            raise KeyboardInterrupt
-    return nn.functional.cross_entropy(output, target)
-''')
+    path = write_model(tmp_path, GOOD + interrupting_loss(3))
     result = invoke(path, "--steps", 4, "--out", tmp_path / "o")
     assert result.exit_code == 130, result.output
     rows = summary_rows(result.output)
