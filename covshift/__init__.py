@@ -8,7 +8,9 @@
 
 __version__ = "0.1.0"
 
+from .analysis import Analysis, Finding, analyze  # noqa: E402
+from .report import report  # noqa: E402
 from .store import Trace, TraceError, load  # noqa: E402
 from .tracer import Tracer  # noqa: E402
 
-__all__ = ["Trace", "TraceError", "Tracer", "__version__", "load"]
+__all__ = ["Analysis", "Finding", "Trace", "TraceError", "Tracer", "__version__", "analyze", "load", "report"]

@@ -15,6 +15,7 @@ from rich.table import Table
 from . import __version__
 from .modelfile import ModelFileError
 from .modelfile import load as load_model_file
+from .report import report as write_report
 from .runner import Interrupted, Outcome, train_pair
 from .store import TraceError, load
 from .variants import VariantError
@@ -188,6 +189,44 @@ def trace(
     if diverged:
         typer.echo(f"diverged: {', '.join(diverged)} (recorded in the trace; the other run carried on)")
     typer.echo(f"trace: {path}")
+    _write_report(path, folder, ("md", "html"), f"covshift report {path}", debug)
+
+
+def _write_report(path: Path, folder: Path, formats: tuple[str, ...], command: str, debug: bool) -> None:
+    with Console(stderr=True).status("writing the report"):
+        try:
+            written = write_report(path, folder, formats, command)
+        except TraceError as e:
+            raise _fail(str(e)) from None
+        except Exception as e:
+            if debug:
+                raise
+            raise _fail(f"the report failed: {type(e).__name__}: {e} (the trace is intact; rerun "
+                        f"covshift report {path} --debug)", code=1) from None
+    for name in ("report.md", "report.html"):
+        if name in written:
+            typer.echo(f"{name.split('.')[1]} report: {written[name]}")
+
+
+@app.command()
+def report(
+    trace_file: Path = typer.Argument(..., metavar="TRACE", help="A trace file (covshift trace or covshift.Tracer)."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: the trace's folder)."),
+    format: str = typer.Option("md,html", "--format", help="Comma-separated: md, html."),
+    debug: bool = typer.Option(False, help="Show full tracebacks."),
+) -> None:
+    """Analyse a trace and write its figures and report (report.md, report.html).
+
+    Works for a bn/nobn pair from covshift trace, for a single run, and for traces recorded
+    with covshift.Tracer in your own loop.
+
+    Example: covshift report reports/mlp_sigmoid/trace.covshift
+    """
+    formats = tuple(f.strip() for f in format.split(",") if f.strip())
+    if not formats or set(formats) - {"md", "html"}:
+        raise _fail(f"--format takes md, html or md,html, not {format!r}")
+    _write_report(trace_file, out if out is not None else trace_file.parent, formats,
+                  f"covshift report {trace_file}" + (f" --out {out}" if out else ""), debug)
 
 
 def main() -> None:

@@ -1,0 +1,250 @@
+"""The written report: Markdown and self-contained HTML, every sentence computed from a trace.
+
+:func:`report` analyses a trace (:mod:`covshift.analysis`), draws the figures
+(:mod:`covshift.plots`) and writes ``report.md`` and ``report.html`` beside them. The
+table of classic BatchNorm claims marks each claim supported, not supported, or not
+measured in this trace, with the numbers and the figure that decide it.
+
+>>> covshift.report("reports/mlp_sigmoid/trace.covshift", "reports/mlp_sigmoid")  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from . import plots
+from .analysis import Analysis, analyze
+from .store import Trace, load
+
+SECTIONS = [
+    ("Convergence and stability", ("convergence", "stability", "divergence")),
+    ("Generalization", ("generalization",)),
+    ("Saturation", ("saturation",)),
+    ("Gradient flow", ("gradient_flow",)),
+    ("Covariate shift", ("covariate_shift",)),
+]
+FIGURES = {
+    "Convergence and stability": ["batchnorm_training_loss.png"],
+    "Saturation": ["saturation.png", "activations.png", "percentiles.png"],
+    "Gradient flow": ["gradient_flow.png"],
+    "Covariate shift": ["covariate_shift.png", "histograms.png"],
+}
+#: A claim is supported only when BN beats no-BN by this relative margin.
+MARGIN = 0.10
+
+
+@dataclass
+class Claim:
+    claim: str
+    verdict: str  # "supported", "not supported", "not measured in this trace"
+    evidence: str
+    figure: str
+
+
+def _row(frame: pd.DataFrame, run: str) -> pd.Series | None:
+    rows = frame[frame["run"] == run] if "run" in frame else frame.iloc[0:0]
+    return None if rows.empty else rows.iloc[0]
+
+
+def _finite(*values: object) -> bool:
+    """Whether every value is a finite number (numpy scalars included; None is not)."""
+    try:
+        return all(math.isfinite(float(v)) for v in values)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
+def claims(a: Analysis) -> list[Claim]:
+    """The classic BatchNorm claims, decided from this trace's bn and nobn runs."""
+    if not {"bn", "nobn"} <= set(a.runs):
+        why = "needs a bn and a nobn run (covshift trace records both)"
+        return [Claim(c, "not measured in this trace", why, "") for c in (
+            "faster convergence", "smoother, stabler training", "higher usable learning rate",
+            "lower sensitivity to initialization", "reduced internal covariate shift", "better generalization")]
+    out = []
+    bn, nobn = _row(a.convergence, "bn"), _row(a.convergence, "nobn")
+    b, n = bn["steps_to_target"], nobn["steps_to_target"]
+    target = bn["target_loss"]
+    if _finite(b, n):
+        verdict = "supported" if b <= (1 - MARGIN) * n else "not supported"
+        evidence = f"steps to reach training loss {target:.4g}: bn {int(b)}, nobn {int(n)}"
+    elif _finite(b):
+        verdict, evidence = "supported", f"bn reaches training loss {target:.4g} at step {int(b)}; nobn never does"
+    elif _finite(n):
+        verdict, evidence = "not supported", f"nobn reaches training loss {target:.4g} at step {int(n)}; bn never does"
+    else:
+        verdict, evidence = "not measured in this trace", "neither run reaches a common loss level"
+    out.append(Claim("faster convergence", verdict, evidence, "batchnorm_training_loss.png"))
+
+    bs, ns = _row(a.stability, "bn"), _row(a.stability, "nobn")
+    bo, no = bs["oscillation_index"], ns["oscillation_index"]
+    if _finite(bo, no):
+        calmer = bo <= (1 - MARGIN) * no
+        evidence = f"oscillation index of the training loss: bn {bo:.3g}, nobn {no:.3g}"
+        if _finite(bs["val_spikes"], ns["val_spikes"]):
+            calmer = calmer and bs["val_spikes"] <= ns["val_spikes"]
+            evidence += f"; validation-loss spikes: bn {int(bs['val_spikes'])}, nobn {int(ns['val_spikes'])}"
+        out.append(Claim("smoother, stabler training", "supported" if calmer else "not supported", evidence,
+                         "batchnorm_training_loss.png"))
+    else:
+        out.append(Claim("smoother, stabler training", "not measured in this trace",
+                         "a run has too few finite losses", "batchnorm_training_loss.png"))
+    for claim, sweep in (("higher usable learning rate", "--lr"), ("lower sensitivity to initialization", "--init-scale")):
+        out.append(Claim(claim, "not measured in this trace",
+                         f"one pair of runs cannot show it: it needs a sweep over {sweep}", ""))
+
+    layers = a.shift_summary[a.shift_summary["layer"] != ""]  # "" rows are the per-run means
+    shared = layers[layers["layer"].isin(set(layers.loc[layers["run"] == "bn", "layer"])
+                                         & set(layers.loc[layers["run"] == "nobn", "layer"]))]
+    means = shared.groupby("run")["mean_w2_prev"].mean() if not shared.empty else pd.Series(dtype=float)
+    if _finite(means.get("bn"), means.get("nobn")):
+        less = means["bn"] <= (1 - MARGIN) * means["nobn"]
+        out.append(Claim("reduced internal covariate shift", "supported" if less else "not supported",
+                         f"mean drift between detail steps (W2 / std) over the {shared['layer'].nunique()} layers "
+                         f"both runs share: bn {means['bn']:.3g}, nobn {means['nobn']:.3g} (distributional "
+                         "shift, as Ioffe & Szegedy 2015 describe it)", "covariate_shift.png"))
+    else:
+        out.append(Claim("reduced internal covariate shift", "not measured in this trace",
+                         "no per-unit statistics at two or more detail steps in both runs", "covariate_shift.png"))
+
+    bg, ng = _row(a.generalization, "bn"), _row(a.generalization, "nobn")
+    if _finite(bg["val_accuracy"], ng["val_accuracy"]):
+        better = bg["val_accuracy"] >= ng["val_accuracy"] + 0.01
+        evidence = f"final validation accuracy: bn {bg['val_accuracy']:.1%}, nobn {ng['val_accuracy']:.1%}"
+    elif _finite(bg["val_loss"], ng["val_loss"]):
+        better = bg["val_loss"] <= (1 - MARGIN) * ng["val_loss"]
+        evidence = f"final validation loss: bn {bg['val_loss']:.4g}, nobn {ng['val_loss']:.4g}"
+    else:
+        better, evidence = None, "no validation metrics in the trace"
+    verdict = "not measured in this trace" if better is None else ("supported" if better else "not supported")
+    out.append(Claim("better generalization", verdict, evidence, "batchnorm_training_loss.png"))
+    return out
+
+
+def _md_code(name: str) -> str:
+    """A name as inline Markdown code, safe whatever backticks it holds."""
+    fence = "`" * (max((len(m) for m in re.findall(r"`+", name)), default=0) + 1)
+    return f"{fence} {name} {fence}" if "`" in name else f"`{name}`"
+
+
+def _summary(a: Analysis, trace: Trace) -> list[str]:
+    lines = [f"Runs: {', '.join(_md_code(r) for r in a.runs)}."]
+    for run in a.runs:
+        config = trace.config(run)
+        conv = _row(a.convergence, run)
+        gen = _row(a.generalization, run)
+        parts = [f"{config.get('steps', '?')} steps"]
+        if conv is not None and _finite(conv["final_loss"]):
+            parts.append(f"final training loss {conv['final_loss']:.4g}")
+        if gen is not None and _finite(gen["val_accuracy"]):
+            parts.append(f"validation accuracy {gen['val_accuracy']:.1%}")
+        if config.get("diverged_at") is not None:
+            parts.append(f"diverged at step {config['diverged_at']}")
+        lines.append(f"- {_md_code(run)}: " + ", ".join(parts) + ".")
+    return lines
+
+
+def markdown(a: Analysis, trace: Trace, figures: dict[str, Path], command: str | None = None) -> str:
+    """The report as Markdown; figures are referenced by file name."""
+    out = ["# covshift report", ""]
+    if command:
+        out += [f"Regenerate with: `{command}`", ""]
+    out += ["## Summary", "", *_summary(a, trace), ""]
+    for title, sections in SECTIONS:
+        out += [f"## {title}", ""]
+        found = [f for f in a.findings if f.section in sections]
+        out += [f"- {f.text}" for f in found] or ["Nothing in this trace bears on this section."]
+        out.append("")
+        out += [f"![{name}]({name})" for name in FIGURES.get(title, []) if name in figures]
+        out.append("")
+    out += ["## BatchNorm claims, checked against this trace", "",
+            "| claim | verdict | evidence | figure |", "|---|---|---|---|"]
+    for c in claims(a):
+        out.append(f"| {c.claim} | **{c.verdict}** | {c.evidence.replace('|', '/')} | {c.figure} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def _inline(text: str) -> str:
+    """Escaped HTML of one Markdown line, with `code` and **bold** rendered."""
+    parts = re.split(r"(`+ ?.+? ?`+|\*\*.+?\*\*)", text)
+    rendered = []
+    for part in parts:
+        if part.startswith("`"):
+            rendered.append(f"<code>{html.escape(part.strip('`').strip())}</code>")
+        elif part.startswith("**") and part.endswith("**") and len(part) > 4:
+            rendered.append(f"<strong>{html.escape(part[2:-2])}</strong>")
+        else:
+            rendered.append(html.escape(part))
+    return "".join(rendered)
+
+
+def to_html(md: str, figures: dict[str, Path]) -> str:
+    """A self-contained HTML page from :func:`markdown`'s output, figures embedded."""
+    body: list[str] = []
+    open_block = ""  # "ul" or "table" while one is open
+    for line in md.splitlines():
+        block = "ul" if line.startswith("- ") else "table" if line.startswith("|") else ""
+        if open_block and block != open_block:
+            body.append(f"</{open_block}>")
+            open_block = ""
+        if block and not open_block:
+            body.append(f"<{block}>")
+            open_block = block
+        image = re.fullmatch(r"!\[(.+)\]\((.+)\)", line)
+        if line.startswith("# "):
+            body.append(f"<h1>{_inline(line[2:])}</h1>")
+        elif line.startswith("## "):
+            body.append(f"<h2>{_inline(line[3:])}</h2>")
+        elif block == "ul":
+            body.append(f"<li>{_inline(line[2:])}</li>")
+        elif block == "table" and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split(" | ")]
+            tag = "th" if cells[0] == "claim" else "td"
+            body.append("<tr>" + "".join(f"<{tag}>{_inline(c)}</{tag}>" for c in cells) + "</tr>")
+        elif image and image.group(2) in figures:
+            data = base64.b64encode(figures[image.group(2)].read_bytes()).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(image.group(1))}</figcaption></figure>")
+        elif line and not block:
+            body.append(f"<p>{_inline(line)}</p>")
+    if open_block:
+        body.append(f"</{open_block}>")
+    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+             "img{max-width:100%}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;"
+             "text-align:left;vertical-align:top}code{background:#f3f3f3;padding:0 3px}")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>covshift report</title>'
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def report(trace: Trace | str | os.PathLike[str], out_dir: str | os.PathLike[str],
+           formats: tuple[str, ...] = ("md", "html"), command: str | None = None) -> dict[str, Path]:
+    """Analyse ``trace``, write its figures and ``report.md`` / ``report.html`` into
+    ``out_dir``; returns every written file by name."""
+    opened = not isinstance(trace, Trace)
+    t = load(trace) if opened else trace
+    try:
+        folder = Path(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        a = analyze(t)
+        figures = plots.save_all(t, a.covariate_shift, folder)
+        md = markdown(a, t, figures, command)
+        written = dict(figures)
+        if "md" in formats:
+            written["report.md"] = folder / "report.md"
+            written["report.md"].write_text(md, encoding="utf-8")
+        if "html" in formats:
+            written["report.html"] = folder / "report.html"
+            written["report.html"].write_text(to_html(md, figures), encoding="utf-8")
+        return written
+    finally:
+        if opened:
+            t.close()
