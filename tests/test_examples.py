@@ -65,3 +65,21 @@ def test_derived_variants_keep_layer_names(tmp_path):
         else:
             replaced = [n for n, t in bn.items() if t == "BatchNorm2d"]
             assert replaced and (nobn[replaced] == "Identity").all()
+
+
+def test_readme_quotes_the_report_of_the_main_job(tmp_path):
+    """The README's quoted report lines come from `covshift trace examples/mlp_sigmoid.py`."""
+    result = CliRunner().invoke(app, ["trace", str(ROOT / "examples" / "mlp_sigmoid.py"), "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    report = " ".join((tmp_path / "report.md").read_text().split())
+    readme = (ROOT / "README.md").read_text()
+    quote = "\n".join(line[2:] if line.startswith("> ") else "" for line in readme.splitlines()
+                      if line.startswith(">"))
+    fragments = [" ".join(p.replace("…", "").split()) for p in quote.split("\n\n") if p.strip()]
+    assert len(fragments) >= 3
+    for fragment in fragments:
+        assert " ".join(fragment.split()) in report, fragment
+    table = result.output
+    for row in [line for line in readme.splitlines() if line.startswith("│ bn ") or line.startswith("│ nobn")]:
+        cells = [c.strip() for c in row.strip("│").split("│")]
+        assert all(cell in table for cell in cells[:5]), row  # run, steps, losses, accuracy
