@@ -16,7 +16,8 @@ from . import __version__
 from .modelfile import ModelFileError
 from .modelfile import load as load_model_file
 from .report import report as write_report
-from .runner import Interrupted, Outcome, train_pair
+from .runner import Interrupted, Outcome, prepare, train_pair
+from .sweep import SWEEP_DETAIL_EVERY, Job, default_workers, jobs, parse_list, run_sweep
 from .store import TraceError, load
 from .variants import VariantError
 
@@ -206,6 +207,107 @@ def _write_report(path: Path, folder: Path, formats: tuple[str, ...], command: s
     for name in ("report.md", "report.html"):
         if name in written:
             typer.echo(f"{name.split('.')[1]} report: {written[name]}")
+
+
+def _grid(done: list[tuple[Job, Outcome]], title: str) -> Table:
+    """Final training loss (mean over seeds) per learning rate, init scale and variant."""
+    table = Table(title=title)
+    for column in ("lr", "init scale", "bn", "nobn"):
+        table.add_column(column)
+    cells: dict[tuple[float, float, str], list[Outcome]] = {}
+    for job, outcome in done:
+        cells.setdefault((job.lr, job.init_scale, job.variant), []).append(outcome)
+    for lr, scale in sorted({(lr, scale) for lr, scale, _ in cells}):
+        row = [f"{lr:g}", f"{scale:g}"]
+        for variant in ("bn", "nobn"):
+            results = cells.get((lr, scale, variant), [])
+            diverged = [o for o in results if o.diverged_at is not None]
+            losses = [o.train_loss for o in results if o.diverged_at is None and o.train_loss is not None]
+            text = f"{sum(losses) / len(losses):.4g}" if losses else "-"
+            if diverged:
+                text += f" ({len(diverged)}/{len(results)} diverged)" if losses else f"diverged at step {diverged[0].diverged_at}"
+            row.append(text)
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def sweep(
+    model_file: str = typer.Argument(..., metavar="MODEL_FILE[:FACTORY]", help="A model file, as for covshift trace."),
+    lr: str = typer.Option("0.003,0.03,0.3,3", "--lr", help="Comma-separated learning rates."),
+    init_scale: str = typer.Option("1", "--init-scale",
+                                   help="Comma-separated factors applied to every Linear/Conv weight after init."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: the file's config seed, else 0)."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per run (default: config, else 5)."),
+    steps: Optional[int] = typer.Option(None, help="Optimizer steps per run; overrides --epochs."),
+    batch_size: Optional[int] = typer.Option(None, help="Mini-batch size (default: config, else 64)."),
+    optimizer: Optional[str] = typer.Option(None, help="sgd or adam."),
+    momentum: Optional[float] = typer.Option(None, help="SGD momentum."),
+    weight_decay: Optional[float] = typer.Option(None, help="Weight decay."),
+    jobs_: int = typer.Option(default_workers(), "--jobs", help="Worker processes (default: the number of cores)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, ..."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: reports/<model file stem>-sweep/)."),
+    every: int = typer.Option(1, help="Record layer statistics every N steps."),
+    detail_every: int = typer.Option(SWEEP_DETAIL_EVERY, help="Steps between per-unit statistics and histograms "
+                                     "(large by default so that sweeps stay cheap)."),
+    debug: bool = typer.Option(False, help="Show full tracebacks."),
+) -> None:
+    """Train the BatchNorm / no-BatchNorm pair at every learning rate x init scale x seed,
+    in parallel worker processes, into one trace; then write the report with the
+    learning-rate and initialization sections.
+
+    --init-scale s multiplies the weight of every nn.Linear and nn.Conv1d/2d/3d layer by s
+    right after initialization (biases and BatchNorm parameters are not scaled), in both
+    variants. A diverging setting stops at its first non-finite loss.
+
+    Example: covshift sweep examples/mlp_sigmoid.py --lr 0.03,0.3,3 --init-scale 0.25,1,4 --steps 200
+    """
+    problem = _device_problem(device)
+    if problem:
+        raise _fail(problem)
+    console = Console(stderr=True)
+    done: list[tuple[Job, Outcome]] = []
+    todo: list[Job] = []
+    path: Path | None = None
+    try:
+        lrs, scales = parse_list(lr, float, "--lr"), parse_list(init_scale, float, "--init-scale")
+        mf = load_model_file(model_file)
+        seed_list = parse_list(seeds, int, "--seeds") if seeds else [int(mf.config.get("seed", 0))]
+        overrides = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "optimizer": optimizer,
+                     "momentum": momentum, "weight_decay": weight_decay, "device": device, "every": every,
+                     "detail_every": detail_every}
+        # check the file once here, so that its errors surface before any worker starts
+        prepare(mf, {**overrides, "lr": lrs[0], "init_scale": scales[0], "seed": seed_list[0]})
+        folder = out if out is not None else Path("reports") / f"{mf.path.stem}-sweep"
+        path = folder / "trace.covshift"
+        todo = jobs(model_file, lrs, scales, seed_list, overrides, path, 1 if jobs_ > 1 else 0)
+        with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+                      TimeElapsedColumn(), console=console) as progress:
+            task = progress.add_task("sweep", total=len(todo))
+
+            def on_done(job: Job, outcome: Outcome) -> None:
+                done.append((job, outcome))
+                ending = (f"diverged at step {outcome.diverged_at}" if outcome.diverged_at is not None
+                          else f"final loss {outcome.train_loss:.4g}" if outcome.train_loss is not None else "")
+                progress.console.print(f"{job.run}: {outcome.steps} steps, {ending}, {outcome.wall_time:.1f} s")
+                progress.advance(task)
+
+            run_sweep(todo, jobs_, on_done)
+    except (ModelFileError, VariantError, TraceError, ValueError) as e:
+        if debug:
+            raise
+        raise _fail(str(e), getattr(e, "user_traceback", None)) from None
+    except (KeyboardInterrupt, Interrupted):
+        Console().print(_grid(done, "interrupted: finished settings so far"))
+        typer.echo(f"interrupted after {len(done)} of {len(todo)} runs; trace: {path}", err=True)
+        raise typer.Exit(130) from None
+    except Exception as e:
+        if debug:
+            raise
+        raise _fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", code=1) from None
+    Console().print(_grid(done, f"final training loss, mean over seeds: {path}"))
+    typer.echo(f"trace: {path}")
+    _write_report(path, folder, ("md", "html"), f"covshift report {path}", debug)
 
 
 @app.command()

@@ -44,6 +44,7 @@ class Settings:
     every: int = 1
     detail_every: int = 50
     eval_every: int | None = None
+    init_scale: float = 1.0  # multiplies every Linear/Conv weight right after initialization
 
     @classmethod
     def resolve(cls, *layers: dict[str, Any]) -> Settings:
@@ -119,6 +120,16 @@ def build_pair(mf: ModelFile, example: Any, seed: int) -> dict[str, nn.Module]:
     return {"bn": bn, "nobn": nobn}
 
 
+def scale_init(model: nn.Module, scale: float) -> None:
+    """Multiply the weight (not the bias) of every Linear and Conv layer by ``scale``, in place."""
+    if scale == 1.0:
+        return
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
+                module.weight.mul_(scale)
+
+
 def check_model(mf: ModelFile, model: nn.Module, run: str, x: Any, y: Any) -> None:
     """Fail early, with a clear message, when the model cannot take the data or the loss
     cannot combine output and target."""
@@ -173,12 +184,14 @@ def first_nonfinite_layer(path: Path, run: str) -> tuple[int, str] | None:
 
 
 def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLoader, val: Dataset | DataLoader,
-              s: Settings, path: Path, on_step: StepCallback | None = None) -> Outcome:
-    """Train one variant with a Tracer attached; stops at the first non-finite loss.
-    Raises :class:`Interrupted` on Ctrl-C, and :class:`ModelFileError` when the user's
-    code raises, after the trace is flushed."""
+              s: Settings, path: Path, on_step: StepCallback | None = None, variant: str | None = None,
+              extra: dict[str, Any] | None = None) -> Outcome:
+    """Train one variant (named ``run`` in the trace; ``variant`` defaults to ``run``) with a
+    Tracer attached; stops at the first non-finite loss. Raises :class:`Interrupted` on
+    Ctrl-C, and :class:`ModelFileError` when the user's code raises, after the trace is
+    flushed. ``extra`` goes into the run's config."""
     loss_fn = mf.criterion
-    config = {"model_file": str(mf.path), "factory": mf.factory_name}
+    config = {"model_file": str(mf.path), "factory": mf.factory_name, **(extra or {})}
     device = torch.device(s.device)
     torch.manual_seed(s.seed)
     model.to(device).train()
@@ -205,7 +218,7 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
         tracer.log(**values)
 
     with Tracer(model, path, run=run, optimizer=optimizer, every=s.every, detail_every=s.detail_every,
-                config={**config, **settings, "variant": run}, overwrite=True) as tracer:
+                config={**config, **settings, "variant": variant or run}, overwrite=True) as tracer:
         try:
             epoch = 0
             while outcome.steps < total and outcome.diverged_at is None:
@@ -249,9 +262,8 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
     return outcome
 
 
-def train_pair(mf: ModelFile, overrides: dict[str, Any], path: Path, only: str | None = None,
-               on_step: StepCallback | None = None) -> list[Outcome]:
-    """Train the model file's BN and no-BN variants (or ``only`` one) into ``path``."""
+def prepare(mf: ModelFile, overrides: dict[str, Any]) -> tuple[Settings, Any, Any, dict[str, nn.Module]]:
+    """Settings, ``(train, val)`` data and the two checked variants (init scale applied)."""
     s = Settings.resolve(mf.config, overrides)
     train, val = mf.datasets()
     if s.batch_size is None and isinstance(train, DataLoader) and train.batch_size:
@@ -262,7 +274,15 @@ def train_pair(mf: ModelFile, overrides: dict[str, Any], path: Path, only: str |
     x, y = to_device(first, torch.device("cpu"))
     variants = build_pair(mf, x, s.seed)
     for run, model in variants.items():
+        scale_init(model, s.init_scale)
         check_model(mf, model, run, x, y)
+    return s, train, val, variants
+
+
+def train_pair(mf: ModelFile, overrides: dict[str, Any], path: Path, only: str | None = None,
+               on_step: StepCallback | None = None) -> list[Outcome]:
+    """Train the model file's BN and no-BN variants (or ``only`` one) into ``path``."""
+    s, train, val, variants = prepare(mf, overrides)
     outcomes: list[Outcome] = []
     for run in VARIANTS:
         if only is not None and run != only:
