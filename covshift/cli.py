@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -77,6 +78,23 @@ def info(trace: Path = typer.Argument(..., help="A trace file written by covshif
     typer.echo(f"metrics: {', '.join(metrics) if metrics else 'none'}")
 
 
+def _command(ctx: typer.Context) -> str:
+    """The command line that ran, with the options the user gave (for "regenerate with")."""
+    words = ["covshift", ctx.info_name or ""]
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if getattr(source, "name", None) != "COMMANDLINE":
+            continue
+        value = ctx.params[param.name]
+        if param.param_type_name == "argument":
+            words.append(str(value))
+        elif isinstance(value, bool):
+            words.append(param.opts[0] if value else (param.secondary_opts or [param.opts[0]])[0])
+        else:
+            words += [param.opts[0], str(value)]
+    return shlex.join(words)
+
+
 def _fail(message: str, detail: str | None = None, code: int = 2) -> typer.Exit:
     """Print a one-line error (and the user's own traceback, when given); the caller raises."""
     typer.echo(f"error: {message}", err=True)
@@ -117,6 +135,7 @@ def _summary(outcomes: list[Outcome], title: str) -> Table:
 
 @app.command()
 def trace(
+    ctx: typer.Context,
     model_file: str = typer.Argument(
         ..., metavar="MODEL_FILE[:FACTORY]",
         help="A Python file defining build_model(batchnorm) or build_model() or `model`, and data(). "
@@ -190,7 +209,7 @@ def trace(
     if diverged:
         typer.echo(f"diverged: {', '.join(diverged)} (recorded in the trace; the other run carried on)")
     typer.echo(f"trace: {path}")
-    _write_report(path, folder, ("md", "html"), f"covshift report {path}", debug)
+    _write_report(path, folder, ("md", "html"), _command(ctx), debug)
 
 
 def _write_report(path: Path, folder: Path, formats: tuple[str, ...], command: str, debug: bool) -> None:
@@ -233,6 +252,7 @@ def _grid(done: list[tuple[Job, Outcome]], title: str) -> Table:
 
 @app.command()
 def sweep(
+    ctx: typer.Context,
     model_file: str = typer.Argument(..., metavar="MODEL_FILE[:FACTORY]", help="A model file, as for covshift trace."),
     lr: str = typer.Option("0.003,0.03,0.3,3", "--lr", help="Comma-separated learning rates."),
     init_scale: str = typer.Option("1", "--init-scale",
@@ -307,11 +327,12 @@ def sweep(
         raise _fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", code=1) from None
     Console().print(_grid(done, f"final training loss, mean over seeds: {path}"))
     typer.echo(f"trace: {path}")
-    _write_report(path, folder, ("md", "html"), f"covshift report {path}", debug)
+    _write_report(path, folder, ("md", "html"), _command(ctx), debug)
 
 
 @app.command()
 def report(
+    ctx: typer.Context,
     trace_file: Path = typer.Argument(..., metavar="TRACE", help="A trace file (covshift trace or covshift.Tracer)."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: the trace's folder)."),
     format: str = typer.Option("md,html", "--format", help="Comma-separated: md, html."),
@@ -327,8 +348,7 @@ def report(
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
     if not formats or set(formats) - {"md", "html"}:
         raise _fail(f"--format takes md, html or md,html, not {format!r}")
-    _write_report(trace_file, out if out is not None else trace_file.parent, formats,
-                  f"covshift report {trace_file}" + (f" --out {out}" if out else ""), debug)
+    _write_report(trace_file, out if out is not None else trace_file.parent, formats, _command(ctx), debug)
 
 
 def main() -> None:
