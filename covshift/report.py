@@ -5,6 +5,14 @@
 table of classic BatchNorm claims marks each claim supported, not supported, or not
 measured in this trace, with the numbers and the figure that decide it.
 
+A trace that holds a sweep (runs with ``sweep: True`` in their config, see
+:mod:`covshift.sweeps`) gets two more sections, "Effect on learning rate" and "Interaction with
+initialization", with their figures; the sweep decides the learning-rate and initialization
+claims. The per-run sections and the other claims then describe one pair: the trace's runs
+named "bn" and "nobn" when it has them, else the sweep's pair at init scale 1 (or the closest),
+the learning rate closest to the sweep's median on a log scale and the smallest seed, shown
+under the names bn and nobn (:class:`covshift.sweeps.RunView`).
+
 >>> covshift.report("reports/mlp_sigmoid/trace.covshift", "reports/mlp_sigmoid")  # doctest: +SKIP
 """
 
@@ -20,9 +28,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots
+from . import plots, sweeps
 from .analysis import Analysis, analyze
 from .store import Trace, load
+from .sweeps import SweepAnalysis, analyze_sweep
 
 SECTIONS = [
     ("Convergence and stability", ("convergence", "stability", "divergence")),
@@ -62,15 +71,36 @@ def _finite(*values: object) -> bool:
         return False
 
 
-def claims(a: Analysis) -> list[Claim]:
-    """The classic BatchNorm claims, decided from this trace's bn and nobn runs."""
-    if not {"bn", "nobn"} <= set(a.runs):
-        why = "needs a bn and a nobn run (covshift trace records both)"
-        return [Claim(c, "not measured in this trace", why, "") for c in (
-            "faster convergence", "smoother, stabler training", "higher usable learning rate",
-            "lower sensitivity to initialization", "reduced internal covariate shift", "better generalization")]
+CLAIMS = ("faster convergence", "smoother, stabler training", "higher usable learning rate",
+          "lower sensitivity to initialization", "reduced internal covariate shift", "better generalization")
+NOT_MEASURED = "not measured in this trace"
+#: The claims a sweep decides: claim -> (the sweep option it needs, its figure, its verdict and evidence).
+SWEEP_CLAIMS = {
+    "higher usable learning rate": ("--lr", sweeps.FILES["lr"], sweeps.lr_verdict),
+    "lower sensitivity to initialization": ("--init-scale", sweeps.FILES["init"],
+                                            lambda s: sweeps.init_verdict(s, MARGIN)),
+}
+
+
+def claims(a: Analysis, pair: tuple[str, str] = ("bn", "nobn"), sweep: SweepAnalysis | None = None) -> list[Claim]:
+    """The classic BatchNorm claims: the learning-rate and initialization claims from ``sweep``,
+    the others from the runs ``pair`` = (bn run, nobn run) of ``a``."""
+    has_pair = set(pair) <= set(a.runs)
+    why = "needs a bn and a nobn run (covshift trace records both)"
+    found = {c.claim: c for c in _pair_claims(a, *pair)} if has_pair else {}
+    for claim, (option, figure, decide) in SWEEP_CLAIMS.items():
+        if sweep is not None:
+            found[claim] = Claim(claim, *decide(sweep), figure)
+        else:
+            found[claim] = Claim(claim, NOT_MEASURED, f"one pair of runs cannot show it: it needs a sweep over "
+                                 f"{option}" if has_pair else why, "")
+    return [found.get(c, Claim(c, NOT_MEASURED, why, "")) for c in CLAIMS]
+
+
+def _pair_claims(a: Analysis, b_run: str, n_run: str) -> list[Claim]:
+    """The claims one pair of runs decides."""
     out = []
-    bn, nobn = _row(a.convergence, "bn"), _row(a.convergence, "nobn")
+    bn, nobn = _row(a.convergence, b_run), _row(a.convergence, n_run)
     b, n = bn["steps_to_target"], nobn["steps_to_target"]
     target = bn["target_loss"]
     if _finite(b, n):
@@ -84,7 +114,7 @@ def claims(a: Analysis) -> list[Claim]:
         verdict, evidence = "not measured in this trace", "neither run reaches a common loss level"
     out.append(Claim("faster convergence", verdict, evidence, "batchnorm_training_loss.png"))
 
-    bs, ns = _row(a.stability, "bn"), _row(a.stability, "nobn")
+    bs, ns = _row(a.stability, b_run), _row(a.stability, n_run)
     bo, no = bs["oscillation_index"], ns["oscillation_index"]
     if _finite(bo, no):
         calmer = bo <= (1 - MARGIN) * no
@@ -97,14 +127,12 @@ def claims(a: Analysis) -> list[Claim]:
     else:
         out.append(Claim("smoother, stabler training", "not measured in this trace",
                          "a run has too few finite losses", "batchnorm_training_loss.png"))
-    for claim, sweep in (("higher usable learning rate", "--lr"), ("lower sensitivity to initialization", "--init-scale")):
-        out.append(Claim(claim, "not measured in this trace",
-                         f"one pair of runs cannot show it: it needs a sweep over {sweep}", ""))
 
     layers = a.shift_summary[a.shift_summary["layer"] != ""]  # "" rows are the per-run means
-    shared = layers[layers["layer"].isin(set(layers.loc[layers["run"] == "bn", "layer"])
-                                         & set(layers.loc[layers["run"] == "nobn", "layer"]))]
+    shared = layers[layers["layer"].isin(set(layers.loc[layers["run"] == b_run, "layer"])
+                                         & set(layers.loc[layers["run"] == n_run, "layer"]))]
     means = shared.groupby("run")["mean_w2_prev"].mean() if not shared.empty else pd.Series(dtype=float)
+    means = means.rename({b_run: "bn", n_run: "nobn"})
     if _finite(means.get("bn"), means.get("nobn")):
         less = means["bn"] <= (1 - MARGIN) * means["nobn"]
         out.append(Claim("reduced internal covariate shift", "supported" if less else "not supported",
@@ -115,7 +143,7 @@ def claims(a: Analysis) -> list[Claim]:
         out.append(Claim("reduced internal covariate shift", "not measured in this trace",
                          "no per-unit statistics at two or more detail steps in both runs", "covariate_shift.png"))
 
-    bg, ng = _row(a.generalization, "bn"), _row(a.generalization, "nobn")
+    bg, ng = _row(a.generalization, b_run), _row(a.generalization, n_run)
     if _finite(bg["val_accuracy"], ng["val_accuracy"]):
         better = bg["val_accuracy"] >= ng["val_accuracy"] + 0.01
         evidence = f"final validation accuracy: bn {bg['val_accuracy']:.1%}, nobn {ng['val_accuracy']:.1%}"
@@ -152,12 +180,19 @@ def _summary(a: Analysis, trace: Trace) -> list[str]:
     return lines
 
 
-def markdown(a: Analysis, trace: Trace, figures: dict[str, Path], command: str | None = None) -> str:
-    """The report as Markdown; figures are referenced by file name."""
+def markdown(a: Analysis, trace: Trace, figures: dict[str, Path], command: str | None = None,
+             sweep: SweepAnalysis | None = None, names: dict[str, str] | None = None) -> str:
+    """The report as Markdown; figures are referenced by file name. With a ``sweep``, ``a`` and
+    ``trace`` describe one pair of its runs, ``names`` maps their names there to the trace's."""
     out = ["# covshift report", ""]
     if command:
         out += [f"Regenerate with: `{command}`", ""]
-    out += ["## Summary", "", *_summary(a, trace), ""]
+    out += ["## Summary", ""]
+    if sweep is not None:
+        out += [*sweeps.summary_lines(sweep, names or {}), ""]
+    out += [*_summary(a, trace), ""]
+    if sweep is not None:
+        out += sweeps.markdown_sections(sweep, figures)
     for title, sections in SECTIONS:
         out += [f"## {title}", ""]
         found = [f for f in a.findings if f.section in sections]
@@ -165,9 +200,12 @@ def markdown(a: Analysis, trace: Trace, figures: dict[str, Path], command: str |
         out.append("")
         out += [f"![{name}]({name})" for name in FIGURES.get(title, []) if name in figures]
         out.append("")
-    out += ["## BatchNorm claims, checked against this trace", "",
-            "| claim | verdict | evidence | figure |", "|---|---|---|---|"]
-    for c in claims(a):
+    out += ["## BatchNorm claims, checked against this trace", ""]
+    if sweep is not None and names:
+        out += ["The learning-rate and initialization claims are decided from the whole sweep, the others from "
+                "the runs " + " and ".join(_md_code(r) for r in names.values()) + ".", ""]
+    out += ["| claim | verdict | evidence | figure |", "|---|---|---|---|"]
+    for c in claims(a, sweep=sweep):
         out.append(f"| {c.claim} | **{c.verdict}** | {c.evidence.replace('|', '/')} | {c.figure} |")
     out.append("")
     return "\n".join(out)
@@ -234,9 +272,14 @@ def report(trace: Trace | str | os.PathLike[str], out_dir: str | os.PathLike[str
     try:
         folder = Path(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        a = analyze(t)
-        figures = plots.save_all(t, a.covariate_shift, folder)
-        md = markdown(a, t, figures, command)
+        sweep = analyze_sweep(t)
+        names = sweeps.default_pair(t, sweep) if sweep is not None else None
+        view = sweeps.RunView(t, names) if names is not None else t  # a sweep: its pair under bn/nobn
+        a = analyze(view)
+        figures = plots.save_all(view, a.covariate_shift, folder)
+        if sweep is not None:
+            figures.update(sweeps.save_sweep_figures(sweep, folder))
+        md = markdown(a, view, figures, command, sweep, names)
         written = dict(figures)
         if "md" in formats:
             written["report.md"] = folder / "report.md"

@@ -120,7 +120,7 @@ def test_trace_writes_the_report(traced):
     rows = [line for line in md.splitlines() if line.startswith("| ") and "**" in line]
     assert len(rows) == 6
     assert all(re.search(r"\*\*(supported|not supported|not measured in this trace)\*\*", r) for r in rows)
-    assert "Regenerate with: `covshift report" in md
+    assert "Regenerate with: `covshift trace " in md and "--detail-every 4" in md
 
 
 def test_html_is_self_contained_with_every_figure(traced):
@@ -170,3 +170,43 @@ def test_report_of_an_own_loop_trace_escapes_layer_names(tmp_path):
     page = written["report.html"].read_text()
     assert "<script>" not in page
     assert "&lt;script&gt;" in page or "script" not in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_claims_compare_the_named_pair():
+    renamed = {"bn": "bn lr=0.1 init=1 seed=0", "nobn": "nobn lr=0.1 init=1 seed=0"}
+    frames = {}
+    for key in ("convergence", "stability", "generalization", "shift_summary"):
+        frame = getattr(analysis(), key)
+        frames[key] = frame.assign(run=frame["run"].map(renamed))
+    a = analysis(**frames)
+    a.runs = list(renamed.values())
+    assert set(verdicts(a).values()) == {"not measured in this trace"}  # no runs named bn and nobn
+    named = {c.claim: c for c in claims(a, pair=tuple(renamed.values()))}
+    assert named["faster convergence"].verdict == "supported"
+    assert "bn 50, nobn 100" in named["faster convergence"].evidence
+    assert named["reduced internal covariate shift"].verdict == "supported"
+    assert named["higher usable learning rate"].verdict == "not measured in this trace"
+
+
+def test_a_sweep_decides_the_learning_rate_and_initialization_claims(tmp_path):
+    from covshift.store import TraceWriter
+    from covshift.sweeps import analyze_sweep
+    writer = TraceWriter(tmp_path / "s.covshift")
+    for variant in ("bn", "nobn"):
+        for lr in (0.1, 1.0):
+            for scale in (0.5, 1.0):
+                diverged = variant == "nobn" and lr == 1.0
+                loss = [2.0 - 0.01 * t for t in range(50)] + ([float("inf")] if diverged else [])
+                rid = writer.add_run(f"{variant} lr={lr:g} init={scale:g} seed=0", {
+                    "sweep": True, "variant": variant, "lr": lr, "init_scale": scale, "seed": 0,
+                    "steps": len(loss), "diverged_at": 50 if diverged else None})
+                writer.write(rid, [(t, "", "loss", v + (0.5 if scale == 0.5 and variant == "nobn" else 0.0))
+                                   for t, v in enumerate(loss)], [], [])
+    writer.close()
+    found = {c.claim: c for c in claims(analysis(), sweep=analyze_sweep(tmp_path / "s.covshift"))}
+    lr, init = found["higher usable learning rate"], found["lower sensitivity to initialization"]
+    assert (lr.verdict, lr.figure) == ("supported", "lr_sensitivity.png")
+    assert "bn 1, nobn 0.1 (ratio 10, 1 grid step)" in lr.evidence
+    assert (init.verdict, init.figure) == ("supported", "init_sensitivity.png")
+    assert "bn 0, nobn 0.5" in init.evidence
+    assert found["faster convergence"].verdict == "supported"  # still from the pair

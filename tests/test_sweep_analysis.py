@@ -1,0 +1,403 @@
+"""Sweep analysis, figures and report on synthetic sweep traces with known answers.
+
+Every trace is written with TraceWriter the way `covshift sweep` records a sweep: one run per
+variant, learning rate, init scale and seed, with ``sweep: True`` and the grid in its config.
+A run's loss falls linearly from ``START`` with slope ``slope`` to ``floor``; a diverging run
+records finite losses until the step it diverges at, then an infinite one.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import covshift
+from covshift import sweeps
+from covshift.report import claims, report
+from covshift.store import TraceWriter
+from covshift.sweeps import analyze_sweep, save_sweep_figures, sweep_runs
+
+STEPS = 100
+START = 2.0
+LRS = [0.003, 0.03, 0.3, 3.0]
+LAYERS = [("fc1", "Linear", None), ("act1", "Tanh", "tanh"), ("fc2", "Linear", None)]
+
+
+def outcome(diverge: int | None = None, slope: float = 0.03, floor: float = 0.2, sat: float = 0.1,
+            g1: float = 1.0, g2: float = 2.0, acc: float = 0.9, start: float = START) -> dict:
+    return {"diverge": diverge, "slope": slope, "floor": floor, "sat": sat, "g1": g1, "g2": g2, "acc": acc,
+            "start": start}
+
+
+def curve(o: dict) -> np.ndarray:
+    """The losses a run records: linear fall to the floor, cut by an infinite loss at divergence."""
+    t = np.arange(STEPS if o["diverge"] is None else o["diverge"] + 1, dtype=float)
+    loss = np.maximum(o["start"] - o["slope"] * t, o["floor"])
+    if o["diverge"] is not None:
+        loss[-1] = math.inf
+    return loss
+
+
+def name(variant: str, lr: float, scale: float, seed: int) -> str:
+    return f"{variant} lr={lr:g} init={scale:g} seed={seed}"
+
+
+def write_sweep(path, settings, plain: dict | None = None) -> str:
+    """Write ``settings`` {(variant, lr, init_scale, seed): outcome} as sweep runs, and
+    ``plain`` {run name: outcome} as runs of a plain `covshift trace` pair."""
+    writer = TraceWriter(path)
+    try:
+        runs = [(name(*key), key, o) for key, o in settings.items()]
+        runs += [(run, (run, 0.1, 1.0, 0), o) for run, o in (plain or {}).items()]
+        for run, (variant, lr, scale, seed), o in runs:
+            loss = curve(o)
+            config = {"variant": variant, "lr": lr, "seed": seed}
+            if run != variant:
+                config.update(sweep=True, init_scale=scale, planned_steps=STEPS)
+            rid = writer.add_run(run, config)
+            for pos, (layer, kind, nl) in enumerate(LAYERS):
+                writer.add_layer(rid, layer, kind, nl, pos, None)
+            rows = []
+            for t, value in enumerate(loss):
+                rows += [(t, "", "loss", float(value)), (t, "act1", "saturation", o["sat"]),
+                         (t, "fc1", "grad_norm", o["g1"]), (t, "act1", "grad_norm", 1.5),
+                         (t, "fc2", "grad_norm", o["g2"])]
+                if t % 50 == 49:  # two evaluations; the last gives the best accuracy
+                    rows += [(t, "", "val_loss", float(value) * 1.1),
+                             (t, "", "val_accuracy", o["acc"] * (t + 1) / STEPS)]
+            writer.write(rid, rows, [], [])
+            final = None if o["diverge"] is not None else float(loss[-10:].mean())
+            writer.update_config(rid, steps=len(loss), diverged_at=o["diverge"],
+                                 first_nonfinite_layer=None if o["diverge"] is None else "fc2",
+                                 train_loss=final, val_loss=None, val_accuracy=None)
+    finally:
+        writer.close()
+    return str(path)
+
+
+def grid(rule, lrs=LRS, scales=(0.5, 1.0, 2.0), seeds=(0,)) -> dict:
+    """Every setting of the grid, ``rule(variant, lr, scale, seed)`` giving its outcome."""
+    return {(v, lr, s, seed): rule(v, lr, s, seed) for v in ("bn", "nobn") for lr in lrs for s in scales
+            for seed in seeds}
+
+
+def diverging_at(bn_limit: float, nobn_limit: float):
+    """bn diverges at lr >= bn_limit, nobn at lr >= nobn_limit."""
+    def rule(v, lr, s, seed):
+        return outcome(diverge=10) if lr >= (bn_limit if v == "bn" else nobn_limit) else outcome()
+    return rule
+
+
+def texts(sa, section: str) -> str:
+    return " ".join(f.text for f in sa.findings if f.section == section)
+
+
+def verdict(sa, claim: str) -> tuple[str, str]:
+    return sweeps.lr_verdict(sa) if claim == "lr" else sweeps.init_verdict(sa, 0.10)
+
+
+# ------------------------------------------------------------------------------- per run
+
+def test_sweep_runs_columns_and_closed_forms(tmp_path):
+    floors = {0.003: 0.5, 0.03: 0.2, 0.3: 1.5}
+    settings = grid(lambda v, lr, s, seed: outcome(diverge=7, sat=0.6, g2=3000.0) if lr == 3.0 else
+                    outcome(slope=0.03 if v == "bn" else 0.015, floor=floors[lr], sat=0.2, g1=3.0, g2=2.0),
+                    scales=(1.0,))
+    with covshift.load(write_sweep(tmp_path / "s.covshift", settings)) as trace:
+        runs = sweep_runs(trace).set_index("run")
+    assert len(runs) == 8 and set(runs["variant"]) == {"bn", "nobn"}
+    ok = runs.loc[name("bn", 0.03, 1.0, 0)]
+    assert (ok["lr"], ok["init_scale"], ok["seed"], ok["steps"], ok["planned_steps"]) == (0.03, 1.0, 0, STEPS, STEPS)
+    assert not ok["diverged"] and ok["trains"]
+    assert ok["initial_loss"] == START
+    assert ok["final_loss"] == pytest.approx(0.2)  # the floor, held over the last 10 steps
+    assert ok["best_val_accuracy"] == pytest.approx(0.9)  # the larger of the two logged values
+    assert ok["mean_saturation"] == pytest.approx(0.2) and ok["median_grad_ratio"] == pytest.approx(1.5)
+    # every non-diverged run starts at 2, so the threshold is 1; smoothing (window 3) is exact on a
+    # line, so the first step at or below 1 is ceil(1 / slope): 34 for slope 0.03, 67 for 0.015
+    assert ok["steps_to_threshold"] == math.ceil(1 / 0.03) == 34
+    assert runs.loc[name("nobn", 0.03, 1.0, 0), "steps_to_threshold"] == math.ceil(1 / 0.015) == 67
+    flat = runs.loc[name("bn", 0.3, 1.0, 0)]  # floor 1.5: below M = 2 (trains), never at the threshold 1
+    assert flat["trains"] and flat["final_loss"] == pytest.approx(1.5) and math.isnan(flat["steps_to_threshold"])
+    bad = runs.loc[name("nobn", 3.0, 1.0, 0)]
+    assert bad["diverged"] and bad["diverged_at"] == 7 and bad["first_nonfinite_layer"] == "fc2"
+    assert math.isnan(bad["final_loss"]) and not bad["trains"]
+    assert bad["mean_saturation"] == pytest.approx(0.6)
+    assert bad["median_grad_ratio"] == pytest.approx(1.0 / 3000.0)
+    assert math.isnan(bad["best_val_accuracy"])  # it diverged before the first evaluation
+
+
+def test_threshold_is_half_the_median_initial_loss_of_runs_that_did_not_diverge(tmp_path):
+    settings = {("bn", 0.1, 1.0, 0): outcome(slope=0.05, floor=0.1),             # starts at 2
+                ("nobn", 0.1, 1.0, 0): outcome(slope=0.03, floor=0.1, start=4.0),
+                ("nobn", 0.2, 1.0, 0): outcome(slope=0.05, floor=0.1, start=4.0),
+                ("bn", 0.2, 1.0, 0): outcome(diverge=3, start=100.0)}           # diverged: not counted
+    with covshift.load(write_sweep(tmp_path / "t.covshift", settings)) as trace:
+        runs = sweep_runs(trace).set_index("run")
+        sa = analyze_sweep(trace)
+    assert sa.initial_loss == 4.0 and sa.threshold == 2.0  # median of 2, 4, 4
+    # bn starts at the threshold: step 0's smoothed loss is mean(2.0, 1.95) <= 2
+    assert runs.loc[name("bn", 0.1, 1.0, 0), "steps_to_threshold"] == 0
+    assert runs.loc[name("nobn", 0.1, 1.0, 0), "steps_to_threshold"] == math.ceil(2 / 0.03) == 67
+    assert runs.loc[name("bn", 0.2, 1.0, 0), "diverged"]
+
+
+def test_no_sweep_in_a_plain_trace(tmp_path):
+    path = write_sweep(tmp_path / "p.covshift", {}, plain={"bn": outcome(), "nobn": outcome()})
+    with covshift.load(path) as trace:
+        assert sweep_runs(trace).empty
+        assert list(sweep_runs(trace).columns) == sweeps.RUN_COLUMNS
+        assert analyze_sweep(trace) is None
+
+
+# ------------------------------------------------------------------------- learning rate
+
+def analysed(tmp_path, settings, plain=None):
+    return analyze_sweep(write_sweep(tmp_path / "sweep.covshift", settings, plain))
+
+
+def test_bn_tolerating_a_ten_times_larger_lr_supports_the_claim(tmp_path):
+    sa = analysed(tmp_path, grid(diverging_at(bn_limit=3.0, nobn_limit=0.3)))
+    usable = sa.summary.set_index("variant")["usable_lr"]
+    assert (usable["bn"], usable["nobn"]) == (0.3, 0.03)
+    result, evidence = verdict(sa, "lr")
+    assert result == "supported"
+    assert "bn 0.3, nobn 0.03 (ratio 10, 1 grid step)" in evidence
+    text = texts(sa, "learning_rate")
+    assert "bn's largest trainable learning rate is 10 times nobn's (0.3 vs 0.03; 1 grid step higher)" in text
+    assert "nobn trains with every seed up to learning rate 0.03; it fails at 0.3 (diverges in 1 of 1 seed)" in text
+    # per lr: mean over seeds of the non-diverged runs, diverged counts
+    row = sa.lr[(sa.lr["variant"] == "nobn") & (sa.lr["lr"] == 0.3)].iloc[0]
+    assert (row["runs"], row["diverged"], row["trains"]) == (1, 1, 0) and math.isnan(row["final_loss"])
+
+
+def test_the_same_limit_for_both_variants_does_not_support_the_claim(tmp_path):
+    sa = analysed(tmp_path, grid(diverging_at(bn_limit=0.3, nobn_limit=0.3)))
+    result, evidence = verdict(sa, "lr")
+    assert result == "not supported"
+    assert "bn 0.03, nobn 0.03 (ratio 1, 0 grid steps)" in evidence
+    assert "bn and nobn have the same largest trainable learning rate, 0.03." in texts(sa, "learning_rate")
+
+
+def test_a_run_that_learns_nothing_does_not_train(tmp_path):
+    def rule(v, lr, s, seed):  # nobn at lr 0.3 stays at 2.5, above the median initial loss 2
+        return outcome(floor=2.5) if (v, lr) == ("nobn", 0.3) else diverging_at(3.0, 3.0)(v, lr, s, seed)
+    sa = analysed(tmp_path, grid(rule))
+    assert sa.initial_loss == START
+    usable = sa.summary.set_index("variant")["usable_lr"]
+    assert (usable["bn"], usable["nobn"]) == (0.3, 0.03)
+    assert "it fails at 0.3 (does not train in 1 of 1 seed), 3 (diverges in 1 of 1 seed)" in texts(sa, "learning_rate")
+    assert verdict(sa, "lr")[0] == "supported"
+
+
+def test_a_higher_limit_must_hold_for_every_seed(tmp_path):
+    def rule(tolerant_seed):
+        def inner(v, lr, s, seed):  # nobn's tolerant seed trains at 0.3 as well
+            limit = 3.0 if v == "bn" or seed == tolerant_seed else 0.3
+            return outcome(diverge=10) if lr >= limit else outcome()
+        return inner
+    sa = analysed(tmp_path, grid(rule(tolerant_seed=1), seeds=(0, 1)))
+    usable = sa.summary.set_index("variant")["usable_lr"]
+    assert (usable["bn"], usable["nobn"]) == (0.3, 0.03)  # every seed: nobn's seed 0 fails at 0.3
+    result, evidence = verdict(sa, "lr")
+    assert result == "not supported"
+    assert "not higher for seed 1 (bn 0.3, nobn 0.3)" in evidence
+    assert "bn's is higher for 1 of 2 seeds, so a higher usable learning rate for bn is not beyond the spread " \
+           "across seeds" in texts(sa, "learning_rate")
+    control = analyze_sweep(write_sweep(tmp_path / "control.covshift", grid(rule(tolerant_seed=None), seeds=(0, 1))))
+    result, evidence = verdict(control, "lr")
+    assert result == "supported" and "higher for each of the 2 seeds" in evidence
+
+
+def test_seed_ranges_decide_whether_a_difference_is_beyond_the_seed_spread(tmp_path):
+    finals = {("bn", 0.003): [0.1, 0.1, 0.12], ("nobn", 0.003): [0.5, 0.6, 0.55],   # apart
+              ("bn", 0.03): [0.25, 0.2, 0.2], ("nobn", 0.03): [0.2, 0.2, 0.3]}      # overlapping
+    sa = analysed(tmp_path, grid(lambda v, lr, s, seed: outcome(floor=finals.get((v, lr), [0.2] * 3)[seed]),
+                                 scales=(1.0,), seeds=(0, 1, 2)))
+    found = {f.value: f.text for f in sa.findings if f.text.startswith("At learning rate")}
+    assert "bn final loss 0.107 (0.1..0.12)" in found[0.003]
+    assert "bn's final loss is lower and the ranges over seeds do not overlap: beyond the spread" in found[0.003]
+    assert "the final-loss ranges over seeds overlap: the difference is within the spread across seeds" in found[0.03]
+    row = sa.lr[(sa.lr["variant"] == "nobn") & (sa.lr["lr"] == 0.003)].iloc[0]
+    assert (row["final_loss_min"], row["final_loss_max"]) == pytest.approx((0.5, 0.6))
+    assert row["final_loss"] == pytest.approx(0.55)
+
+
+# ------------------------------------------------------------------------ initialization
+
+def spread_rule(bn: dict, nobn: dict):
+    """Final loss by init scale (None: diverges) per variant, at every lr."""
+    def rule(v, lr, s, seed):
+        floor = (bn if v == "bn" else nobn)[s]
+        return outcome(diverge=10) if floor is None else outcome(floor=floor)
+    return rule
+
+
+def test_init_spread_is_the_range_of_final_loss_across_scales(tmp_path):
+    sa = analysed(tmp_path, grid(spread_rule({0.5: 0.3, 1.0: 0.2, 2.0: 0.25}, {0.5: 0.9, 1.0: 0.2, 2.0: 0.6})))
+    assert (sa.init_scale, sa.ref_lr) == (1.0, 0.03)  # 0.03 and 0.3 tie around the median lr: the smaller
+    spread = sa.summary.set_index("variant")["init_spread"]
+    assert (spread["bn"], spread["nobn"]) == pytest.approx((0.1, 0.7))
+    result, evidence = verdict(sa, "init")
+    assert result == "supported"
+    assert "at lr 0.03: bn 0.1, nobn 0.7; init scales that diverge: bn 0, nobn 0" in evidence
+    text = texts(sa, "initialization")
+    assert "nobn's mean final loss over seeds ranges across 3 init scales from 0.2 (init scale 1) to 0.9 " \
+           "(init scale 0.5): a spread of 0.7; it diverges at no init scale." in text
+    assert "bn's spread of final loss across init scales is 0.143 times nobn's (0.1 vs 0.7)" in text
+
+
+@pytest.mark.parametrize("bn, nobn, why", [
+    ({0.5: 0.3, 1.0: 0.2, 2.0: None}, {0.5: 0.9, 1.0: 0.2, 2.0: 0.6}, "bn 1, nobn 0"),    # bn diverges more
+    ({0.5: 0.85, 1.0: 0.2, 2.0: 0.5}, {0.5: 0.9, 1.0: 0.2, 2.0: 0.6}, "bn 0.65, nobn 0.7"),  # within the margin
+])
+def test_init_claim_not_supported(tmp_path, bn, nobn, why):
+    sa = analysed(tmp_path, grid(spread_rule(bn, nobn)))
+    result, evidence = verdict(sa, "init")
+    assert result == "not supported" and why in evidence
+
+
+def test_overlapping_per_seed_spreads_are_not_called_supported(tmp_path):
+    finals = {("bn", 0.5): [0.3, 0.3, 0.6], ("bn", 1.0): [0.25, 0.2, 0.2],       # spreads 0.05, 0.1, 0.4
+              ("nobn", 0.5): [0.5, 0.55, 0.6], ("nobn", 1.0): [0.2, 0.2, 0.3]}   # spreads 0.3, 0.35, 0.3
+    sa = analysed(tmp_path, grid(lambda v, lr, s, seed: outcome(floor=finals[(v, s)][seed]),
+                                 scales=(0.5, 1.0), seeds=(0, 1, 2)))
+    spread = sa.summary.set_index("variant")["init_spread"]
+    assert spread["bn"] == pytest.approx(0.4 - 0.65 / 3) and spread["nobn"] == pytest.approx(0.55 - 0.7 / 3)
+    assert spread["bn"] <= 0.9 * spread["nobn"]  # the means alone would support the claim
+    result, evidence = verdict(sa, "init")
+    assert result == "not supported" and "per-seed spreads bn 0.05..0.4, nobn 0.3..0.35 overlap" in evidence
+    assert "the ranges overlap, so the difference is within the spread across seeds" in texts(sa, "initialization")
+
+
+def test_reference_scale_and_lr_without_init_scale_1(tmp_path):
+    sa = analysed(tmp_path, grid(lambda *key: outcome(), lrs=[0.01, 0.1, 1.0, 10.0, 100.0], scales=(0.3, 3.0, 10.0)))
+    assert sa.init_scale == 3.0  # |ln 3| < |ln 0.3|
+    assert sa.ref_lr == 1.0      # the median of the lrs on a log scale
+    assert set(sa.lr["init_scale"]) == {3.0} and set(sa.init["lr"]) == {1.0}
+
+
+# ---------------------------------------------------------------------- failing settings
+
+def test_failing_settings_compare_saturation_and_gradients_and_name_the_runs(tmp_path):
+    def rule(v, lr, s, seed):
+        if v == "nobn" and lr >= 0.3:
+            return outcome(diverge=12, sat=0.7, g2=1000.0)
+        return outcome(sat=0.05)
+    sa = analysed(tmp_path, grid(rule, lrs=[0.03, 0.3], scales=(1.0, 2.0)))
+    lr_text, init_text = texts(sa, "learning_rate"), texts(sa, "initialization")
+    assert ("At learning rate 0.3, init scale 1, nobn diverges in 1 of 1 seed (seed 0 at step 12, first "
+            "non-finite output in `fc2`) while bn trains (final loss 0.2). Mean saturation bn 5%, nobn 70%; median "
+            "first/last-layer gradient ratio bn 0.5 (healthy), nobn 0.001 (vanishing). Runs to compare: "
+            "`bn lr=0.3 init=1 seed=0` and `nobn lr=0.3 init=1 seed=0`.") in lr_text
+    assert "`nobn lr=0.3 init=2 seed=0`" in init_text and "`nobn lr=0.3 init=2 seed=0`" not in lr_text
+    same = analysed(tmp_path / "same", grid(lambda *key: outcome(), lrs=[0.03, 0.3], scales=(1.0,)))
+    assert "At all 2 settings of the sweep bn and nobn either both train or both fail" in texts(same, "learning_rate")
+
+
+# ------------------------------------------------------------------------------- figures
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_figures_mark_diverged_settings(tmp_path):
+    sa = analysed(tmp_path, grid(diverging_at(bn_limit=3.0, nobn_limit=0.3), seeds=(0, 1)))
+    written = save_sweep_figures(sa, tmp_path / "figs")
+    assert set(written) == {"lr_sensitivity.png", "init_sensitivity.png", "sweep_grid.png"}
+    for path in written.values():
+        assert path.read_bytes()[:8] == PNG
+    colors = {v: covshift.plots.PALETTE[v] for v in ("bn", "nobn")}
+    ax = sweeps.lr_sensitivity(sa).axes[0]
+    assert ax.get_xscale() == "log"
+    crosses = {line.get_color(): sorted(line.get_xdata()) for line in ax.lines if line.get_marker() == "x"}
+    assert crosses == {colors["bn"]: [3.0], colors["nobn"]: [0.3, 3.0]}
+    labels = [t.get_text() for t in sweeps.sweep_grid(sa).axes[1].texts]  # nobn: 2 of 4 lrs diverge, 3 scales
+    assert labels.count("div") == 6 and len(labels) == 12
+
+
+# -------------------------------------------------------------------------------- report
+
+def sweep_for_report(v, lr, s, seed):
+    """Diverging like the first test; the pair the report describes has distinctive numbers."""
+    if lr >= (3.0 if v == "bn" else 0.3):
+        return outcome(diverge=10)
+    if (lr, s, seed) == (0.03, 1.0, 0):
+        return outcome(floor=0.123 if v == "bn" else 0.456, acc=0.77 if v == "bn" else 0.66)
+    return outcome(floor={0.5: 0.3, 1.0: 0.2, 2.0: 0.25}[s] if v == "bn" else {0.5: 0.9, 1.0: 0.2, 2.0: 0.6}[s])
+
+
+@pytest.fixture(scope="module")
+def sweep_report(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("sweep_report")
+    path = write_sweep(folder / "trace.covshift", grid(sweep_for_report, seeds=(0, 1)))
+    written = report(path, folder / "out")
+    return written, (folder / "out" / "report.md").read_text()
+
+
+def test_report_of_a_sweep_has_the_sections_and_the_claims(sweep_report):
+    written, md = sweep_report
+    for name in ("lr_sensitivity.png", "init_sensitivity.png", "sweep_grid.png"):
+        assert written[name].read_bytes()[:8] == PNG and f"![{name}]({name})" in md
+    lr, init, claims_at = (md.index(h) for h in ("## Effect on learning rate", "## Interaction with initialization",
+                                                 "## BatchNorm claims"))
+    assert lr < init < claims_at
+    assert "bn's largest trainable learning rate is 10 times nobn's" in md[lr:init]
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and "**" in line}
+    assert rows["higher usable learning rate"].startswith(
+        "| higher usable learning rate | **supported** | largest learning rate at which every seed trains (init scale "
+        "1): bn 0.3, nobn 0.03 (ratio 10, 1 grid step); higher for each of the 2 seeds | lr_sensitivity.png |")
+    # mean over seeds at lr 0.03: bn 0.3, (0.123 + 0.2) / 2, 0.25; nobn 0.9, (0.456 + 0.2) / 2, 0.6
+    assert "| lower sensitivity to initialization | **supported** | spread of the mean final loss across init " \
+           f"scales at lr 0.03: bn {0.3 - (0.123 + 0.2) / 2:.3g}, nobn {0.9 - (0.456 + 0.2) / 2:.3g}" \
+           in rows["lower sensitivity to initialization"]
+    assert "init_sensitivity.png |" in rows["lower sensitivity to initialization"]
+    page = written["report.html"].read_text()
+    assert page.count("data:image/png;base64,") == 10
+
+
+def test_report_of_a_sweep_describes_the_default_pair(sweep_report):
+    _, md = sweep_report
+    assert "`bn` (run `bn lr=0.03 init=1 seed=0`) and `nobn` (run `nobn lr=0.03 init=1 seed=0`)" in md
+    assert "- `bn`: 100 steps, final training loss 0.123" in md
+    assert "- `nobn`: 100 steps, final training loss 0.456" in md
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and "**" in line}
+    assert "final validation accuracy: bn 77.0%, nobn 66.0%" in rows["better generalization"]
+    assert "**supported**" in rows["better generalization"]
+
+
+def test_a_sweep_trace_with_its_own_pair_reports_that_pair(tmp_path):
+    path = write_sweep(tmp_path / "t.covshift", grid(sweep_for_report, lrs=[0.03, 0.3], scales=(1.0, 2.0)),
+                       plain={"bn": outcome(acc=0.55), "nobn": outcome(acc=0.44)})
+    with covshift.load(path) as trace:
+        sa = analyze_sweep(trace)
+        assert sweeps.default_pair(trace, sa) == {"bn": "bn", "nobn": "nobn"}
+        assert len(sa.runs) == 8  # the plain runs are not sweep runs
+        view = sweeps.RunView(trace, sweeps.default_pair(trace, sa))
+        a = covshift.analyze(view)
+    evidence = {c.claim: c.evidence for c in claims(a, sweep=sa)}
+    assert "bn 55.0%, nobn 44.0%" in evidence["better generalization"]
+    assert "bn 0.3, nobn 0.03" in evidence["higher usable learning rate"]
+
+
+def test_run_view_renames_and_restricts(tmp_path):
+    path = write_sweep(tmp_path / "v.covshift", grid(lambda *key: outcome(), lrs=[0.1], scales=(1.0,), seeds=(0, 1)))
+    with covshift.load(path) as trace:
+        view = sweeps.RunView(trace, {"bn": name("bn", 0.1, 1.0, 1), "nobn": name("nobn", 0.1, 1.0, 1)})
+        assert view.runs == ["bn", "nobn"] and view.layers == ["fc1", "act1", "fc2"]
+        assert view.config("bn")["seed"] == 1
+        assert set(view.scalars()["run"]) == {"bn", "nobn"} and len(view.scalars(run="bn", metric="loss")) == STEPS
+        assert set(view.layer_info()["run"]) == {"bn", "nobn"} and view.units().empty
+        with pytest.raises(KeyError):
+            view.config(name("bn", 0.1, 1.0, 0))
+        view.close()
+        assert len(trace.runs) == 4  # the trace is still open
+
+
+def test_plain_report_has_no_sweep_sections(tmp_path):
+    path = write_sweep(tmp_path / "p.covshift", {}, plain={"bn": outcome(), "nobn": outcome(slope=0.01)})
+    written = report(path, tmp_path / "out", formats=("md",))
+    md = written["report.md"].read_text()
+    assert "## Effect on learning rate" not in md and "lr_sensitivity.png" not in written
+    assert "| higher usable learning rate | **not measured in this trace** | one pair of runs cannot show it" in md
