@@ -14,7 +14,8 @@ value, as in :mod:`covshift.analysis`, with ``n`` finite steps).
 - ``best_val_accuracy``: the highest logged ``val_accuracy``; NaN when none was logged.
 - ``M`` (:attr:`SweepAnalysis.initial_loss`): the median ``initial_loss`` of the runs that
   did not diverge (of every run when all diverged). A run **trains** when it did not
-  diverge and its ``final_loss < M``: it learned something from where runs start.
+  diverge and its ``final_loss ≤ 0.9 M``: it got at least 10% below where runs start (a run
+  that stays on its plateau does not count).
 - ``threshold = 0.5 M``. ``steps_to_threshold``: the first step whose smoothed loss (the
   centred rolling mean of :mod:`covshift.analysis`, window ``max(1, round(0.02 n))`` made
   odd) is ≤ ``threshold``; NaN when it never is. A diverged run counts its finite part.
@@ -94,6 +95,7 @@ from .store import Trace, load
 
 VARIANTS = ("bn", "nobn")
 THRESHOLD_FRACTION = 0.5   #: steps_to_threshold uses this fraction of the median initial loss
+TRAINS_FRACTION = 0.9  #: a run trains when its final loss is at most this fraction of it
 MAX_SETTINGS = 8           #: at most this many failing settings get a finding
 METRICS = ("final_loss", "best_val_accuracy", "steps_to_threshold")
 FILES = {"lr": "lr_sensitivity.png", "init": "init_sensitivity.png", "grid": "sweep_grid.png"}
@@ -174,7 +176,7 @@ def sweep_runs(trace: Trace) -> pd.DataFrame:
         hit = np.flatnonzero(_smooth(values) <= threshold) if len(values) else np.array([], dtype=int)
         reach.append(float(steps[hit[0]]) if hit.size else math.nan)
     runs["steps_to_threshold"] = reach
-    runs["trains"] = (~runs["diverged"]) & (runs["final_loss"] < m)
+    runs["trains"] = (~runs["diverged"]) & (runs["final_loss"] <= TRAINS_FRACTION * m)
     return runs[RUN_COLUMNS]
 
 
@@ -397,8 +399,9 @@ def _lr_findings(sa: SweepAnalysis) -> list[Finding]:
         f"The sweep has {len(runs)} runs: {' and '.join(variants)} at learning rates {', '.join(map(_g, lrs))}, "
         f"init scales {', '.join(map(_g, scales))} and seed{'s' if len(seeds) > 1 else ''} "
         f"{', '.join(map(str, seeds))}; {int(runs['diverged'].sum())} diverged. A run trains when it does not "
-        f"diverge and its final loss (mean of its last {TAIL_FRACTION:.0%} of steps) is below {_num(sa.initial_loss)}, "
-        f"the median initial loss of the runs that did not diverge; steps to threshold count the steps until "
+        f"diverge and its final loss (mean of its last {TAIL_FRACTION:.0%} of steps) is at most "
+        f"{_num(TRAINS_FRACTION * sa.initial_loss)} ({TRAINS_FRACTION:g} times {_num(sa.initial_loss)}, "
+        f"the median initial loss of the runs that did not diverge); steps to threshold count the steps until "
         f"the smoothed loss is at most {THRESHOLD_FRACTION:g} times that, {_num(sa.threshold)}."),
         value=sa.initial_loss)]
     if len(seeds) > 1:
@@ -552,7 +555,7 @@ def _failing(sa: SweepAnalysis) -> list[Finding]:
         flat = fail[~fail[f"diverged_{bad}"]]
         if len(flat):
             parts.append(f"does not train in {len(flat)} of {_seeds_word(total)} (final loss "
-                         f"{', '.join(_num(x) for x in flat[f'final_loss_{bad}'])} ≥ {_num(sa.initial_loss)})")
+                         f"{', '.join(_num(x) for x in flat[f'final_loss_{bad}'])} > {_num(TRAINS_FRACTION * sa.initial_loss)})")
         text = (f"At learning rate {_g(lr)}, init scale {_g(scale)}, {bad} {' and '.join(parts)} while {good} trains "
                 f"(final loss {', '.join(_num(x) for x in fail[f'final_loss_{good}'])}).")
         compare = []

@@ -83,3 +83,22 @@ def test_readme_quotes_the_report_of_the_main_job(tmp_path):
     for row in [line for line in readme.splitlines() if line.startswith("│ bn ") or line.startswith("│ nobn")]:
         cells = [c.strip() for c in row.strip("│").split("│")]
         assert all(cell in table for cell in cells[:5]), row  # run, steps, losses, accuracy
+
+
+def test_report_gallery():
+    """The committed gallery: small, every report names its regenerating command, linked from the README."""
+    gallery = ROOT / "reports"
+    files = [p for p in gallery.rglob("*") if p.is_file() and p.suffix != ".covshift"]
+    assert sum(p.stat().st_size for p in files) < 10 * 2**20
+    index = (gallery / "README.md").read_text()
+    reports = sorted(gallery.glob("*/report.md"))
+    assert len(reports) >= 2
+    for report in reports:
+        first = report.read_text().splitlines()[2]
+        command = first.removeprefix("Regenerate with: `").removesuffix("`")
+        assert command.startswith(("covshift trace examples/", "covshift sweep examples/")), first
+        assert f"`{command}`" in index
+        assert (report.parent / "report.html").is_file()
+    readme = (ROOT / "README.md").read_text()
+    for link in ("reports/mlp_sigmoid/batchnorm_training_loss.png", "reports/README.md"):
+        assert link in readme and (ROOT / link).is_file()
