@@ -105,6 +105,7 @@ class Finding:
     layer: str | None = None
     step: int | None = None
     value: float | None = None
+    runs: tuple[str, ...] = ()  # the runs a comparison names, e.g. a sweep's (bn run, nobn run)
 
 
 @dataclass

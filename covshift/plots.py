@@ -577,9 +577,10 @@ def histograms(trace: Trace, layer: str | None = None) -> Figure:
     return fig
 
 
-def save_all(trace: Trace, shift: pd.DataFrame | None, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """Write the seven figures as PNGs into ``out_dir`` (created when missing). Returns
-    file name (e.g. ``"activations.png"``) -> path."""
+def save_all(trace: Trace, shift: pd.DataFrame | None, out_dir: str | os.PathLike[str],
+             only: tuple[str, ...] | None = None) -> dict[str, Path]:
+    """Write the seven figures (or the ``only`` ones, by key of :data:`FILES`) as PNGs into
+    ``out_dir`` (created when missing). Returns file name (e.g. ``"activations.png"``) -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     builders: dict[str, Callable[[], Figure]] = {
@@ -593,6 +594,8 @@ def save_all(trace: Trace, shift: pd.DataFrame | None, out_dir: str | os.PathLik
     }
     written: dict[str, Path] = {}
     for key, build in builders.items():
+        if only is not None and key not in only:
+            continue
         path = out / FILES[key]
         fig = build()
         fig.savefig(path, dpi=DPI)

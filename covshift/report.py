@@ -212,11 +212,14 @@ def markdown(a: Analysis, trace: Trace, figures: dict[str, Path], command: str |
 
 
 def _inline(text: str) -> str:
-    """Escaped HTML of one Markdown line, with `code` and **bold** rendered."""
-    parts = re.split(r"(`+ ?.+? ?`+|\*\*.+?\*\*)", text)
+    """Escaped HTML of one Markdown line, with `code`, **bold** and [links](url) rendered."""
+    parts = re.split(r"(`+ ?.+? ?`+|\*\*.+?\*\*|\[[^\]`]+\]\([^)\s]+\))", text)
     rendered = []
     for part in parts:
-        if part.startswith("`"):
+        link = re.fullmatch(r"\[([^\]`]+)\]\(([^)\s]+)\)", part)
+        if link:
+            rendered.append(f'<a href="{html.escape(link.group(2))}">{html.escape(link.group(1))}</a>')
+        elif part.startswith("`"):
             rendered.append(f"<code>{html.escape(part.strip('`').strip())}</code>")
         elif part.startswith("**") and part.endswith("**") and len(part) > 4:
             rendered.append(f"<strong>{html.escape(part[2:-2])}</strong>")
@@ -279,6 +282,11 @@ def report(trace: Trace | str | os.PathLike[str], out_dir: str | os.PathLike[str
         figures = plots.save_all(view, a.covariate_shift, folder)
         if sweep is not None:
             figures.update(sweeps.save_sweep_figures(sweep, folder))
+            for finding in sweep.findings:  # the pairs that fail one way: their own diagnostics
+                if len(finding.runs) == 2:
+                    pair = sweeps.RunView(t, dict(zip(("bn", "nobn"), finding.runs)))
+                    subfolder = folder / sweeps.pair_folder(finding.runs[0])
+                    plots.save_all(pair, None, subfolder, only=("saturation", "gradient_flow"))
         md = markdown(a, view, figures, command, sweep, names)
         written = dict(figures)
         if "md" in formats:

@@ -95,6 +95,7 @@ from .store import Trace, load
 
 VARIANTS = ("bn", "nobn")
 THRESHOLD_FRACTION = 0.5   #: steps_to_threshold uses this fraction of the median initial loss
+PAIR_FIGURES = 3  #: failing settings whose pair gets its own saturation and gradient-flow figures
 TRAINS_FRACTION = 0.9  #: a run trains when its final loss is at most this fraction of it
 MAX_SETTINGS = 8           #: at most this many failing settings get a finding
 METRICS = ("final_loss", "best_val_accuracy", "steps_to_threshold")
@@ -526,6 +527,12 @@ def _init_findings(sa: SweepAnalysis) -> list[Finding]:
     return out
 
 
+def pair_folder(run_bn: str) -> str:
+    """Where a sweep report draws the figures of one of its pairs, from the bn run's name:
+    ``"bn lr=3 init=1 seed=0"`` -> ``"pairs/lr=3_init=1_seed=0"``."""
+    return "pairs/" + run_bn.split(" ", 1)[-1].replace(" ", "_")
+
+
 def _failing(sa: SweepAnalysis) -> list[Finding]:
     r = sa.runs
     if not set(VARIANTS) <= set(r["variant"]):
@@ -570,9 +577,16 @@ def _failing(sa: SweepAnalysis) -> list[Finding]:
             joined = "; ".join(compare)
             text += f" {joined[0].upper()}{joined[1:]}."
         first = fail.iloc[0]
-        text += f" Runs to compare: `{first['run_bn']}` and `{first['run_nobn']}`."
+        runs = (str(first["run_bn"]), str(first["run_nobn"]))
+        text += f" Runs to compare: `{runs[0]}` and `{runs[1]}`"
+        if len(out) < PAIR_FIGURES:
+            folder = pair_folder(runs[0])
+            text += f" ([saturation]({folder}/saturation.png), [gradient flow]({folder}/gradient_flow.png))"
+            section = "learning_rate" if scale == sa.init_scale else "initialization"
+            out.append(Finding(section, text + ".", run=runs[int(bad == "nobn")], value=float(lr), runs=runs))
+            continue
         section = "learning_rate" if scale == sa.init_scale else "initialization"
-        out.append(Finding(section, text, run=str(first[f"run_{bad}"]), value=float(lr)))
+        out.append(Finding(section, text + ".", run=runs[int(bad == "nobn")], value=float(lr)))
     if len(settings) > MAX_SETTINGS:
         rest = ", ".join(f"lr {_g(lr)}/init {_g(s)}" for lr, s in settings[MAX_SETTINGS:])
         out.append(Finding("learning_rate", f"{len(settings) - MAX_SETTINGS} more settings where one variant trains "

@@ -291,7 +291,9 @@ def test_failing_settings_compare_saturation_and_gradients_and_name_the_runs(tmp
     assert ("At learning rate 0.3, init scale 1, nobn diverges in 1 of 1 seed (seed 0 at step 12, first "
             "non-finite output in `fc2`) while bn trains (final loss 0.2). Mean saturation bn 5%, nobn 70%; median "
             "first/last-layer gradient ratio bn 0.5 (healthy), nobn 0.001 (vanishing). Runs to compare: "
-            "`bn lr=0.3 init=1 seed=0` and `nobn lr=0.3 init=1 seed=0`.") in lr_text
+            "`bn lr=0.3 init=1 seed=0` and `nobn lr=0.3 init=1 seed=0` "
+            "([saturation](pairs/lr=0.3_init=1_seed=0/saturation.png), "
+            "[gradient flow](pairs/lr=0.3_init=1_seed=0/gradient_flow.png)).") in lr_text
     assert "`nobn lr=0.3 init=2 seed=0`" in init_text and "`nobn lr=0.3 init=2 seed=0`" not in lr_text
     same = analysed(tmp_path / "same", grid(lambda *key: outcome(), lrs=[0.03, 0.3], scales=(1.0,)))
     assert "At all 2 settings of the sweep bn and nobn either both train or both fail" in texts(same, "learning_rate")
@@ -401,3 +403,22 @@ def test_plain_report_has_no_sweep_sections(tmp_path):
     md = written["report.md"].read_text()
     assert "## Effect on learning rate" not in md and "lr_sensitivity.png" not in written
     assert "| higher usable learning rate | **not measured in this trace** | one pair of runs cannot show it" in md
+
+
+def test_report_draws_the_pairs_its_findings_link(tmp_path):
+    """The sweep report writes saturation and gradient-flow figures for the failing pairs it links."""
+    from covshift.sweeps import pair_folder
+
+    def rule(v, lr, s, seed):
+        return outcome(diverge=12, sat=0.7, g2=1000.0) if v == "nobn" and lr >= 0.3 else outcome(sat=0.05)
+
+    path = write_sweep(tmp_path / "sweep.covshift", grid(rule, lrs=[0.03, 0.3, 3.0], scales=(1.0,)))
+    written = covshift.report(path, tmp_path / "out")
+    linked = [f for f in analyze_sweep(path).findings if len(f.runs) == 2]
+    assert len(linked) == 2
+    page = written["report.html"].read_text()
+    for finding in linked:
+        folder = tmp_path / "out" / pair_folder(finding.runs[0])
+        assert (folder / "saturation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (folder / "gradient_flow.png").is_file()
+        assert f'href="{pair_folder(finding.runs[0])}/saturation.png"' in page
