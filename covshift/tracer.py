@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import itertools
 import os
 from dataclasses import dataclass, field
 from functools import partial
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -143,7 +145,8 @@ class Tracer:
         self._order = itertools.count()
         self._pending: list[StepRecord] = []
         self._logged = Slots()  # values given to log(), with their rows in _log_rows
-        self._log_rows: list[tuple[int, str, int]] = []
+        self._log_rows: list[tuple[int, str, str, int]] = []  # (step, layer, metric, handle)
+        self._paused = False
         self._prev: list[Tensor] | None = None
         self._step = 0
         self._current = self._new_record()
@@ -197,7 +200,7 @@ class Tracer:
 
     # hooks (device work only: no host synchronisation) ----------------------------------
     def _on_forward(self, layer: _Layer, module: nn.Module, args: Any, output: Any) -> None:
-        if self._closed or not self.recording or not torch.is_grad_enabled():
+        if self._closed or self._paused or not self.recording or not torch.is_grad_enabled():
             return
         y = first_tensor(output)
         if y is None or y.numel() == 0:
@@ -292,16 +295,31 @@ class Tracer:
             else:
                 torch._foreach_copy_(self._prev, params)
 
-    def log(self, step: int | None = None, **values: Tensor | float) -> None:
-        """Record run metrics such as ``val_loss=...`` at ``step`` (default: the last step
-        ended), whether or not that step's layer statistics were recorded. Tensors are
-        not synchronised.
+    def log(self, step: int | None = None, layer: str = "", **values: Tensor | float) -> None:
+        """Record metrics such as ``val_loss=...`` at ``step`` (default: the last step
+        ended), whether or not that step's layer statistics were recorded: run metrics, or
+        metrics of a hooked ``layer``. Tensors are not synchronised.
 
         >>> tracer.log(val_loss=val_loss, val_accuracy=0.93)  # doctest: +SKIP
         """
+        if layer and layer not in self._layers:
+            raise ValueError(f"log(layer={layer!r}): not a layer this tracer hooks")
         at = max(self._step - 1, 0) if step is None else step
         for name, value in values.items():
-            self._log_rows.append((at, name, self._logged.put(_scalar(value))))
+            self._log_rows.append((at, layer, name, self._logged.put(_scalar(value))))
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forward passes inside this block are not recorded (e.g. extra measurement passes).
+
+        >>> with tracer.paused():  # doctest: +SKIP
+        ...     probe(model)
+        """
+        self._paused, before = True, self._paused
+        try:
+            yield
+        finally:
+            self._paused = before
 
     # flushing --------------------------------------------------------------------------
     def flush(self) -> None:
@@ -319,7 +337,7 @@ class Tracer:
                 layer.edges = stats.hist_edges(*first, layer.kind, self.bins)
         kinds = {n: layer.kind is not None for n, layer in self._layers.items()}
         edges = {n: layer.edges for n, layer in self._layers.items()}
-        scalars = [(step, "", name, float(logged.get(h)[0])) for step, name, h in rows]
+        scalars = [(step, layer, name, float(logged.get(h)[0])) for step, layer, name, h in rows]
         units, hists = [], []
         for r in records:
             scalars += [(r.step, layer, metric, value) for layer, metric, value in r.rows(kinds)]

@@ -1134,3 +1134,25 @@ def test_tracer_unwraps_a_compiled_model(tmp_path):
         compiled(torch.randn(5, 3)).sum().backward()
         tracer.step()
     assert covshift.load(tmp_path / "t.covshift").layers == ["0", "1"]
+
+
+def test_paused_forwards_are_not_recorded_and_log_takes_layers(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+    x, probe = torch.randn(6, 3), torch.randn(6, 3) * 100
+    path = tmp_path / "t.covshift"
+    with covshift.Tracer(model, path) as tracer:
+        out = model(x)
+        with tracer.paused():
+            model(probe).sum().backward()  # a measurement pass: not part of the step's statistics
+        out.sum().backward()
+        index = tracer.step()
+        tracer.log(step=index, layer="0", probe_metric=2.5)
+        tracer.log(extra=1.0)
+        with pytest.raises(ValueError, match="not a layer"):
+            tracer.log(layer="missing", value=1.0)
+    frame = covshift.load(path).scalars()
+    row = frame.set_index(["layer", "metric"])["value"]
+    reference = model[0](x).detach().double().numpy()
+    assert row[("0", "max")] == pytest.approx(reference.max(), rel=1e-6)
+    assert row[("0", "probe_metric")] == 2.5 and row[("", "extra")] == 1.0
