@@ -154,6 +154,9 @@ def trace(
     every: int = typer.Option(1, help="Record layer statistics every N steps."),
     detail_every: int = typer.Option(50, help="Steps between per-unit statistics and histograms."),
     eval_every: Optional[int] = typer.Option(None, help="Also validate every N steps (always at epoch ends)."),
+    ics_every: Optional[int] = typer.Option(None, help="Measure internal covariate shift (Santurkar et al. 2018) "
+                                            "and the loss landscape every N steps (off by default: costs about "
+                                            "one forward+backward pass per layer)."),
     debug: bool = typer.Option(False, help="Show full tracebacks."),
 ) -> None:
     """Train the model twice, with and without BatchNorm, under identical conditions, and
@@ -172,7 +175,7 @@ def trace(
         raise _fail(problem)
     overrides = {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
                  "momentum": momentum, "weight_decay": weight_decay, "seed": seed, "device": device,
-                 "every": every, "detail_every": detail_every, "eval_every": eval_every}
+                 "every": every, "detail_every": detail_every, "eval_every": eval_every, "ics_every": ics_every}
     console = Console(stderr=True)
     try:
         mf = load_model_file(model_file)
@@ -270,6 +273,7 @@ def sweep(
     every: int = typer.Option(1, help="Record layer statistics every N steps."),
     detail_every: int = typer.Option(SWEEP_DETAIL_EVERY, help="Steps between per-unit statistics and histograms "
                                      "(large by default so that sweeps stay cheap)."),
+    ics_every: Optional[int] = typer.Option(None, help="Measure ICS and the loss landscape every N steps (off)."),
     debug: bool = typer.Option(False, help="Show full tracebacks."),
 ) -> None:
     """Train the BatchNorm / no-BatchNorm pair at every learning rate x init scale x seed,
@@ -295,7 +299,7 @@ def sweep(
         seed_list = parse_list(seeds, int, "--seeds") if seeds else [int(mf.config.get("seed", 0))]
         overrides = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "optimizer": optimizer,
                      "momentum": momentum, "weight_decay": weight_decay, "device": device, "every": every,
-                     "detail_every": detail_every}
+                     "detail_every": detail_every, "ics_every": ics_every}
         # check the file once here, so that its errors surface before any worker starts
         prepare(mf, {**overrides, "lr": lrs[0], "init_scale": scales[0], "seed": seed_list[0]})
         folder = out if out is not None else Path("reports") / f"{mf.path.stem}-sweep"

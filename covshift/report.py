@@ -28,7 +28,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import plots, sweeps
+from . import ics_report, plots, sweeps
 from .analysis import Analysis, analyze
 from .store import Trace, load
 from .sweeps import SweepAnalysis, analyze_sweep
@@ -41,10 +41,10 @@ SECTIONS = [
     ("Covariate shift", ("covariate_shift",)),
 ]
 FIGURES = {
-    "Convergence and stability": ["batchnorm_training_loss.png"],
+    "Convergence and stability": ["batchnorm_training_loss.png", "landscape.png"],
     "Saturation": ["saturation.png", "activations.png", "percentiles.png"],
     "Gradient flow": ["gradient_flow.png"],
-    "Covariate shift": ["covariate_shift.png", "histograms.png"],
+    "Covariate shift": ["covariate_shift.png", "histograms.png", "ics.png"],
 }
 #: A claim is supported only when BN beats no-BN by this relative margin.
 MARGIN = 0.10
@@ -72,7 +72,8 @@ def _finite(*values: object) -> bool:
 
 
 CLAIMS = ("faster convergence", "smoother, stabler training", "higher usable learning rate",
-          "lower sensitivity to initialization", "reduced internal covariate shift", "better generalization")
+          "lower sensitivity to initialization", "reduced internal covariate shift", "smoother loss landscape",
+          "better generalization")
 NOT_MEASURED = "not measured in this trace"
 #: The claims a sweep decides: claim -> (the sweep option it needs, its figure, its verdict and evidence).
 SWEEP_CLAIMS = {
@@ -82,18 +83,25 @@ SWEEP_CLAIMS = {
 }
 
 
-def claims(a: Analysis, pair: tuple[str, str] = ("bn", "nobn"), sweep: SweepAnalysis | None = None) -> list[Claim]:
+def claims(a: Analysis, pair: tuple[str, str] = ("bn", "nobn"), sweep: SweepAnalysis | None = None,
+           measured: dict[str, tuple[str, str, str]] | None = None) -> list[Claim]:
     """The classic BatchNorm claims: the learning-rate and initialization claims from ``sweep``,
-    the others from the runs ``pair`` = (bn run, nobn run) of ``a``."""
+    the others from the runs ``pair`` = (bn run, nobn run) of ``a``; ``measured`` (claim ->
+    verdict, evidence, figure) overrides rows with the gradient-based measurements."""
     has_pair = set(pair) <= set(a.runs)
     why = "needs a bn and a nobn run (covshift trace records both)"
     found = {c.claim: c for c in _pair_claims(a, *pair)} if has_pair else {}
+    if has_pair:
+        found["smoother loss landscape"] = Claim("smoother loss landscape", NOT_MEASURED,
+                                                 "measured only with covshift trace --ics-every N", "")
     for claim, (option, figure, decide) in SWEEP_CLAIMS.items():
         if sweep is not None:
             found[claim] = Claim(claim, *decide(sweep), figure)
         else:
             found[claim] = Claim(claim, NOT_MEASURED, f"one pair of runs cannot show it: it needs a sweep over "
                                  f"{option}" if has_pair else why, "")
+    if has_pair:
+        found.update({c: Claim(c, *row) for c, row in (measured or {}).items()})
     return [found.get(c, Claim(c, NOT_MEASURED, why, "")) for c in CLAIMS]
 
 
@@ -205,7 +213,7 @@ def markdown(a: Analysis, trace: Trace, figures: dict[str, Path], command: str |
         out += ["The learning-rate and initialization claims are decided from the whole sweep, the others from "
                 "the runs " + " and ".join(_md_code(r) for r in names.values()) + ".", ""]
     out += ["| claim | verdict | evidence | figure |", "|---|---|---|---|"]
-    for c in claims(a, sweep=sweep):
+    for c in claims(a, sweep=sweep, measured=ics_report.claim_rows(trace, "bn", "nobn", MARGIN)):
         out.append(f"| {c.claim} | **{c.verdict}** | {c.evidence.replace('|', '/')} | {c.figure} |")
     out.append("")
     return "\n".join(out)
@@ -280,6 +288,7 @@ def report(trace: Trace | str | os.PathLike[str], out_dir: str | os.PathLike[str
         view = sweeps.RunView(t, names) if names is not None else t  # a sweep: its pair under bn/nobn
         a = analyze(view)
         figures = plots.save_all(view, a.covariate_shift, folder)
+        figures.update(ics_report.save_figures(view, folder))
         if sweep is not None:
             figures.update(sweeps.save_sweep_figures(sweep, folder))
             for finding in sweep.findings:  # the pairs that fail one way: their own diagnostics

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .modelfile import ModelFile, ModelFileError, user_traceback
 from .store import load
-from .tracer import Tracer
+from .ics import Instruments
+from .tracer import ROOT, Tracer
 from .variants import derive_pair, share_weights
 
 VARIANTS = ("bn", "nobn")
@@ -44,6 +45,7 @@ class Settings:
     every: int = 1
     detail_every: int = 50
     eval_every: int | None = None
+    ics_every: int | None = None  # measure ICS and the loss landscape every N steps (covshift.ics)
     init_scale: float = 1.0  # multiplies every Linear/Conv weight right after initialization
 
     @classmethod
@@ -205,6 +207,8 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
     del settings["steps"]  # "steps" is what the run did, set when the tracer closes
     start = time.perf_counter()
 
+    instruments = Instruments(model, loss_fn, s.ics_every, lambda: float(optimizer.param_groups[0]["lr"])) \
+        if s.ics_every else None
     validated = [-1]  # the step of the last validation
 
     def validate(tracer: Tracer) -> None:
@@ -228,8 +232,12 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
                     optimizer.zero_grad(set_to_none=True)
                     loss = loss_fn(model(x), y)
                     loss.backward()
+                    if instruments is not None:
+                        instruments.before_step(outcome.steps)
                     optimizer.step()
-                    tracer.step(loss=loss)
+                    index = tracer.step(loss=loss)
+                    if instruments is not None:
+                        record_instruments(tracer, instruments, index, x, y)
                     outcome.steps += 1
                     outcome.train_loss = float(loss.detach())
                     if on_step is not None:
@@ -260,6 +268,20 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
     if outcome.interrupted:
         raise Interrupted([outcome])
     return outcome
+
+
+def record_instruments(tracer: Tracer, instruments: Instruments, step: int, x: Any, y: Any) -> None:
+    """Measure ICS and the loss landscape at ``step`` when due, outside the recorded statistics."""
+    with tracer.paused():
+        measured = instruments.after_step(step, x, y)
+    if not measured:
+        return
+    hooked = set(tracer.layers)
+    for layer, l2, rel, cos in measured["layers"]:
+        name = layer or ROOT
+        if name in hooked:
+            tracer.log(step=step, layer=name, ics_l2=l2, ics_rel=rel, ics_cos=cos)
+    tracer.log(step=step, **{k: measured[k] for k in ("loss_variation", "grad_predictiveness", "beta_smoothness")})
 
 
 def prepare(mf: ModelFile, overrides: dict[str, Any]) -> tuple[Settings, Any, Any, dict[str, nn.Module]]:

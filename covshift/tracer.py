@@ -194,6 +194,11 @@ class Tracer:
             self._writer.close()
 
     @property
+    def layers(self) -> list[str]:
+        """Names of the hooked layers."""
+        return list(self._layers)
+
+    @property
     def recording(self) -> bool:
         """Whether the current step's statistics are recorded (every ``every`` steps)."""
         return self._step % self.every == 0

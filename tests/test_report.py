@@ -118,7 +118,7 @@ def test_trace_writes_the_report(traced):
                     "## Gradient flow", "## Covariate shift", "## BatchNorm claims"):
         assert section in md
     rows = [line for line in md.splitlines() if line.startswith("| ") and "**" in line]
-    assert len(rows) == 6
+    assert len(rows) == 7
     assert all(re.search(r"\*\*(supported|not supported|not measured in this trace)\*\*", r) for r in rows)
     assert "Regenerate with: `covshift trace " in md and "--detail-every 4" in md
 
