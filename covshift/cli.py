@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -116,6 +118,25 @@ def _device_problem(name: str) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _user_errors(debug: bool) -> Iterator[None]:
+    """Turn a known problem into a one-line error and exit status 2, and anything else into
+    one line and status 1; ``--debug`` lets the exception through with its traceback.
+    Interrupts pass untouched: each command reports how far it got."""
+    try:
+        yield
+    except (typer.Exit, Interrupted):
+        raise
+    except (ModelFileError, VariantError, TraceError, ValueError) as e:
+        if debug:
+            raise
+        raise _fail(str(e), getattr(e, "user_traceback", None)) from None
+    except Exception as e:
+        if debug:
+            raise
+        raise _fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", code=1) from None
+
+
 def _summary(outcomes: list[Outcome], title: str) -> Table:
     table = Table(title=title)
     for column in ("run", "steps", "train loss", "val loss", "val accuracy", "wall time", "diverged"):
@@ -178,24 +199,21 @@ def trace(
                  "every": every, "detail_every": detail_every, "eval_every": eval_every, "ics_every": ics_every}
     console = Console(stderr=True)
     try:
-        mf = load_model_file(model_file)
-        folder = out if out is not None else Path("reports") / mf.path.stem
-        path = folder / "trace.covshift"
-        with Progress(TextColumn("{task.description:>5}"), TextColumn("epoch {task.fields[epoch]}"), BarColumn(),
-                      MofNCompleteColumn(), TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(),
-                      console=console) as progress:
-            tasks: dict[str, int] = {}
+        with _user_errors(debug):
+            mf = load_model_file(model_file)
+            folder = out if out is not None else Path("reports") / mf.path.stem
+            path = folder / "trace.covshift"
+            with Progress(TextColumn("{task.description:>5}"), TextColumn("epoch {task.fields[epoch]}"), BarColumn(),
+                          MofNCompleteColumn(), TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(),
+                          console=console) as progress:
+                tasks: dict[str, int] = {}
 
-            def on_step(run: str, epoch: int, step: int, total: int, loss: float) -> None:
-                if run not in tasks:
-                    tasks[run] = progress.add_task(run, total=total, loss="-", epoch=epoch)
-                progress.update(tasks[run], completed=step, loss=f"{loss:.4g}", epoch=epoch)
+                def on_step(run: str, epoch: int, step: int, total: int, loss: float) -> None:
+                    if run not in tasks:
+                        tasks[run] = progress.add_task(run, total=total, loss="-", epoch=epoch)
+                    progress.update(tasks[run], completed=step, loss=f"{loss:.4g}", epoch=epoch)
 
-            outcomes = train_pair(mf, overrides, path, only, on_step)
-    except (ModelFileError, VariantError, TraceError, ValueError) as e:
-        if debug:
-            raise
-        raise _fail(str(e), getattr(e, "user_traceback", None)) from None
+                outcomes = train_pair(mf, overrides, path, only, on_step)
     except Interrupted as e:
         Console().print(_summary(e.outcomes, "interrupted: the trace keeps every step flushed so far"))
         typer.echo(f"interrupted; trace: {path}", err=True)
@@ -203,10 +221,6 @@ def trace(
     except KeyboardInterrupt:
         typer.echo("interrupted before training started", err=True)
         raise typer.Exit(130) from None
-    except Exception as e:
-        if debug:
-            raise
-        raise _fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", code=1) from None
     Console().print(_summary(outcomes, str(path)))
     diverged = [o.run for o in outcomes if o.diverged_at is not None]
     if diverged:
@@ -294,41 +308,34 @@ def sweep(
     todo: list[Job] = []
     path: Path | None = None
     try:
-        lrs, scales = parse_list(lr, float, "--lr"), parse_list(init_scale, float, "--init-scale")
-        mf = load_model_file(model_file)
-        seed_list = parse_list(seeds, int, "--seeds") if seeds else [int(mf.config.get("seed", 0))]
-        overrides = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "optimizer": optimizer,
-                     "momentum": momentum, "weight_decay": weight_decay, "device": device, "every": every,
-                     "detail_every": detail_every, "ics_every": ics_every}
-        # check the file once here, so that its errors surface before any worker starts
-        prepare(mf, {**overrides, "lr": lrs[0], "init_scale": scales[0], "seed": seed_list[0]})
-        folder = out if out is not None else Path("reports") / f"{mf.path.stem}-sweep"
-        path = folder / "trace.covshift"
-        todo = jobs(model_file, lrs, scales, seed_list, overrides, path, 1 if jobs_ > 1 else 0)
-        with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
-                      TimeElapsedColumn(), console=console) as progress:
-            task = progress.add_task("sweep", total=len(todo))
+        with _user_errors(debug):
+            lrs, scales = parse_list(lr, float, "--lr"), parse_list(init_scale, float, "--init-scale")
+            mf = load_model_file(model_file)
+            seed_list = parse_list(seeds, int, "--seeds") if seeds else [int(mf.config.get("seed", 0))]
+            overrides = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "optimizer": optimizer,
+                         "momentum": momentum, "weight_decay": weight_decay, "device": device, "every": every,
+                         "detail_every": detail_every, "ics_every": ics_every}
+            # check the file once here, so that its errors surface before any worker starts
+            prepare(mf, {**overrides, "lr": lrs[0], "init_scale": scales[0], "seed": seed_list[0]})
+            folder = out if out is not None else Path("reports") / f"{mf.path.stem}-sweep"
+            path = folder / "trace.covshift"
+            todo = jobs(model_file, lrs, scales, seed_list, overrides, path, 1 if jobs_ > 1 else 0)
+            with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+                          TimeElapsedColumn(), console=console) as progress:
+                task = progress.add_task("sweep", total=len(todo))
 
-            def on_done(job: Job, outcome: Outcome) -> None:
-                done.append((job, outcome))
-                ending = (f"diverged at step {outcome.diverged_at}" if outcome.diverged_at is not None
-                          else f"final loss {outcome.train_loss:.4g}" if outcome.train_loss is not None else "")
-                progress.console.print(f"{job.run}: {outcome.steps} steps, {ending}, {outcome.wall_time:.1f} s")
-                progress.advance(task)
+                def on_done(job: Job, outcome: Outcome) -> None:
+                    done.append((job, outcome))
+                    ending = (f"diverged at step {outcome.diverged_at}" if outcome.diverged_at is not None
+                              else f"final loss {outcome.train_loss:.4g}" if outcome.train_loss is not None else "")
+                    progress.console.print(f"{job.run}: {outcome.steps} steps, {ending}, {outcome.wall_time:.1f} s")
+                    progress.advance(task)
 
-            run_sweep(todo, jobs_, on_done)
-    except (ModelFileError, VariantError, TraceError, ValueError) as e:
-        if debug:
-            raise
-        raise _fail(str(e), getattr(e, "user_traceback", None)) from None
+                run_sweep(todo, jobs_, on_done)
     except (KeyboardInterrupt, Interrupted):
         Console().print(_grid(done, "interrupted: finished settings so far"))
         typer.echo(f"interrupted after {len(done)} of {len(todo)} runs; trace: {path}", err=True)
         raise typer.Exit(130) from None
-    except Exception as e:
-        if debug:
-            raise
-        raise _fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", code=1) from None
     Console().print(_grid(done, f"final training loss, mean over seeds: {path}"))
     typer.echo(f"trace: {path}")
     _write_report(path, folder, ("md", "html"), _command(ctx), debug)
