@@ -40,19 +40,19 @@ def save_figures(trace: Trace, out_dir: str | os.PathLike[str]) -> dict[str, Pat
     layers = _frame(trace, LAYER)
     if not layers.empty:
         runs = [r for r in trace.runs if r in set(layers["run"])]
-        fig, axes = plots._figure(len(LAYER), len(runs), sharex=True)
+        fig, axes = plots.new_figure(len(LAYER), len(runs), sharex=True)
         order = trace.layer_info()
         for col, run in enumerate(runs):
             names = [n for n in order.loc[order["run"] == run, "layer"] if n in set(layers["layer"])]
-            shades = plots._depth_colors(colors[run], len(names))
+            shades = plots.depth_colors(colors[run], len(names))
             for row, metric in enumerate(LAYER):
                 ax = axes[row, col]
                 for name, shade in zip(names, shades):
                     rows = layers[(layers["run"] == run) & (layers["layer"] == name) & (layers["metric"] == metric)]
-                    ax.plot(rows["step"], rows["value"], marker="o", markersize=3, color=shade, label=plots._esc(name))
+                    ax.plot(rows["step"], rows["value"], marker="o", markersize=3, color=shade, label=plots.literal(name))
                 if metric == "ics_l2" and plots.spans_decades(layers.loc[layers["metric"] == metric, "value"]):
                     ax.set_yscale("log")
-                ax.set_title(f"{plots._esc(run)}: {LABELS[metric]} per layer")
+                ax.set_title(f"{plots.literal(run)}: {LABELS[metric]} per layer")
                 ax.set_ylabel(LABELS[metric])
                 ax.set_xlabel("step")
                 ax.grid(alpha=0.3)
@@ -62,13 +62,13 @@ def save_figures(trace: Trace, out_dir: str | os.PathLike[str]) -> dict[str, Pat
         written[FILES["ics"]] = _save(fig, out / FILES["ics"])
     run_rows = _frame(trace, RUN)
     if not run_rows.empty:
-        fig, axes = plots._figure(1, len(RUN))
+        fig, axes = plots.new_figure(1, len(RUN))
         for ax, metric in zip(axes[0], RUN):
             for run in trace.runs:
                 rows = run_rows[(run_rows["run"] == run) & (run_rows["metric"] == metric)]
                 if not rows.empty:
                     ax.plot(rows["step"], rows["value"], marker="o", markersize=3, color=colors[run],
-                            label=plots._esc(run))
+                            label=plots.literal(run))
             if plots.spans_decades(run_rows.loc[run_rows["metric"] == metric, "value"]):
                 ax.set_yscale("log")
             ax.set_title(LABELS[metric])

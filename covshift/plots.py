@@ -58,7 +58,7 @@ FILES: dict[str, str] = {
 WIDTH, HEIGHT, DPI = 12.0, 4.0, 100
 MAX_LABELS = 20  # most layer names written along one axis
 _LEGEND_LAYERS = 10  # up to this many layers get a legend, more get a colour bar
-_BAD = "#d9d9d9"  # masked heat-map cells
+MASKED = "#d9d9d9"  # masked heat-map cells
 SHIFT_COLUMNS = ("run", "layer", "step", "w2_prev", "w2_first", "w1_prev", "w1_first")
 
 
@@ -71,12 +71,12 @@ def run_colors(runs: Sequence[str]) -> dict[str, str]:
     return {r: PALETTE.get(r, colors.get(r, "")) for r in runs}
 
 
-def _esc(text: object) -> str:
+def literal(text: object) -> str:
     """Text printed literally: every ``$`` escaped, so mathtext never parses a name."""
     return str(text).replace("$", r"\$")
 
 
-def _figure(rows: int, cols: int, height: float = HEIGHT, **share: bool) -> tuple[Figure, np.ndarray]:
+def new_figure(rows: int, cols: int, height: float = HEIGHT, **share: bool) -> tuple[Figure, np.ndarray]:
     """A constrained-layout figure on an Agg canvas and its (rows, cols) axes grid."""
     fig = Figure(figsize=(WIDTH, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
@@ -113,7 +113,7 @@ def _robust_scale(ax: Axes, values: object) -> None:
 
 def _empty(ax: Axes, message: str) -> None:
     """Mark a panel as having no data, keeping its axis labels."""
-    ax.text(0.5, 0.5, _esc(message), ha="center", va="center", transform=ax.transAxes,
+    ax.text(0.5, 0.5, literal(message), ha="center", va="center", transform=ax.transAxes,
             fontsize=9, color="0.35", wrap=True)
     ax.set_xticks([])
     ax.set_yticks([])
@@ -122,7 +122,7 @@ def _empty(ax: Axes, message: str) -> None:
 def _run_legend(fig: Figure, runs: Sequence[str], colors: dict[str, str]) -> None:
     """A figure legend mapping each run's colour to its name."""
     handles = [Line2D([], [], color=colors[r], lw=2.5) for r in runs]
-    fig.legend(handles, [f"run {_esc(r)}" for r in runs], loc="outside upper right",
+    fig.legend(handles, [f"run {literal(r)}" for r in runs], loc="outside upper right",
                ncol=max(1, len(runs)), frameon=False, fontsize=9)
 
 
@@ -134,7 +134,7 @@ def _thin(n: int, most: int = MAX_LABELS) -> list[int]:
     return list(range(n - 1, -1, -k))[::-1]
 
 
-def _depth_colors(color: str, n: int) -> list[str]:
+def depth_colors(color: str, n: int) -> list[str]:
     """``n`` colours from pale (first layer) to ``color`` (last layer)."""
     if n <= 1:
         return [color] * n
@@ -152,14 +152,14 @@ def _depth_key(fig: Figure, axes: Sequence[Axes], names: Sequence[str], colors: 
         return
     if len(names) <= _LEGEND_LAYERS:
         handles = [Line2D([], [], color=c, lw=2) for c in colors]
-        axes[0].legend(handles, [_esc(n) for n in names], fontsize=7, title="layer", title_fontsize=7,
+        axes[0].legend(handles, [literal(n) for n in names], fontsize=7, title="layer", title_fontsize=7,
                        loc="best", framealpha=0.8)
         return
     n = len(names)
     mappable = ScalarMappable(mcolors.BoundaryNorm(np.arange(n + 1) - 0.5, n), mcolors.ListedColormap(colors))
     bar = fig.colorbar(mappable, ax=list(axes), fraction=0.04, pad=0.01)
     shown = _thin(n)
-    bar.set_ticks(shown, labels=[_esc(names[i]) for i in shown])
+    bar.set_ticks(shown, labels=[literal(names[i]) for i in shown])
     bar.ax.tick_params(labelsize=6, length=2)
     bar.ax.invert_yaxis()
     bar.set_label("layer (forward order)", fontsize=8)
@@ -234,7 +234,7 @@ def training_loss(trace: Trace) -> Figure:
     validation accuracy, every run in each of three side-by-side panels."""
     runs = trace.runs
     colors = run_colors(runs)
-    fig, axes = _figure(1, 3)
+    fig, axes = new_figure(1, 3)
     ax_loss, ax_vloss, ax_vacc = axes[0]
     frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy"])
     lengths = [int(((frame["run"] == r) & (frame["metric"] == "loss")).sum()) for r in runs]
@@ -250,13 +250,13 @@ def training_loss(trace: Trace) -> Figure:
             ax_loss.plot(steps, values, color=colors[run], alpha=0.25, lw=0.7)
         smooth = pd.Series(values).rolling(window, center=True, min_periods=1).mean().to_numpy(dtype=float)
         smooth = np.where(np.isnan(values), np.nan, smooth)
-        ax_loss.plot(steps, smooth, color=colors[run], lw=1.8, label=_esc(run))
+        ax_loss.plot(steps, smooth, color=colors[run], lw=1.8, label=literal(run))
         at = _diverged_at(trace, run, steps, raw)
         finite = ~np.isnan(values)
         if at is not None and finite.any():
             last = np.flatnonzero(finite)[-1]
             ax_loss.plot(steps[last], values[last], "x", color=colors[run], ms=9, mew=2)
-            ax_loss.annotate(f"{_esc(run)} diverged at step {at}", (steps[last], values[last]),
+            ax_loss.annotate(f"{literal(run)} diverged at step {at}", (steps[last], values[last]),
                              xytext=(-4, 8), textcoords="offset points", ha="right", fontsize=7,
                              color=colors[run])
         for metric, ax in (("val_loss", ax_vloss), ("val_accuracy", ax_vacc)):
@@ -264,7 +264,7 @@ def training_loss(trace: Trace) -> Figure:
             v = _finite(rows["value"].to_numpy(dtype=float))
             collected[metric].append(v)
             if v.size:
-                ax.plot(rows["step"], v, "o-", color=colors[run], ms=3.5, lw=1.4, label=_esc(run))
+                ax.plot(rows["step"], v, "o-", color=colors[run], ms=3.5, lw=1.4, label=literal(run))
     title = "training loss" + (f" (line: mean over {window} steps)" if window > 1 else "")
     panels = ((ax_loss, "loss", title, "training loss"),
               (ax_vloss, "val_loss", "validation loss", "validation loss"),
@@ -297,7 +297,7 @@ def activations(trace: Trace) -> Figure:
     layer with statistics; colour encodes depth."""
     runs, info = trace.runs, trace.layer_info()
     colors = run_colors(runs)
-    fig, axes = _figure(1, max(1, len(runs)), sharey=True)
+    fig, axes = new_figure(1, max(1, len(runs)), sharey=True)
     everything: list[np.ndarray] = []
     for ax, run in zip(axes[0], runs):
         wide = _wide(trace.scalars(run=run, metric=["mean", "std"]).query("layer != ''"))
@@ -305,20 +305,20 @@ def activations(trace: Trace) -> Figure:
         nonlinear = set(info.loc[(info["run"] == run) & info["nonlinearity"].notna(), "layer"])
         kind = "nonlinearity" if present & nonlinear else "layer"
         layers = _ordered_layers(info, run, present & nonlinear or present)
-        ax.set_title(f"{_esc(run)}: mean ± std of each {kind}'s output", fontsize=10)
+        ax.set_title(f"{literal(run)}: mean ± std of each {kind}'s output", fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("activation (output value)")
         if not layers:
             _empty(ax, f"no activation statistics recorded for run {run}")
             continue
-        shades = _depth_colors(colors[run], len(layers))
+        shades = depth_colors(colors[run], len(layers))
         alpha = max(0.04, 0.3 / math.sqrt(len(layers)))
         for layer, color in zip(layers, shades):
             data = wide.loc[layer]
             steps = data.index.to_numpy()
             mean = _finite(data["mean"]) if "mean" in data else np.full(len(steps), np.nan)
             std = _finite(data["std"]) if "std" in data else np.zeros(len(steps))
-            ax.plot(steps, mean, color=color, lw=1.2, label=_esc(layer))
+            ax.plot(steps, mean, color=color, lw=1.2, label=literal(layer))
             ax.fill_between(steps, mean - std, mean + std, color=color, alpha=alpha, lw=0)
             everything += [mean - std, mean + std]
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -339,12 +339,12 @@ def percentiles(trace: Trace, layer: str | None = None) -> Figure:
     colors = run_colors(runs)
     if layer is not None and layer not in set(info["layer"]):
         raise ValueError(f"no layer {layer!r} in {trace.path}; layers: {', '.join(trace.layers)}")
-    fig, axes = _figure(1, max(1, len(runs)), sharey=True)
+    fig, axes = new_figure(1, max(1, len(runs)), sharey=True)
     everything: list[np.ndarray] = []
     for ax, run in zip(axes[0], runs):
         name = layer if layer is not None else _pick_layers(info, run, [1.0])[0]
         kind = _layer_type(info, run, name) if name is not None else ""
-        ax.set_title(f"{_esc(run)}: layer {_esc(name)}" + (f" ({_esc(kind)})" if kind else ""), fontsize=10)
+        ax.set_title(f"{literal(run)}: layer {literal(name)}" + (f" ({literal(kind)})" if kind else ""), fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel("output value")
         metrics = ["p15", "p50", "p85"]
@@ -377,15 +377,15 @@ def saturation(trace: Trace) -> Figure:
     layer over training, one column per run; shade encodes depth (darkest: last layer)."""
     runs, info = trace.runs, trace.layer_info()
     colors = run_colors(runs)
-    fig, axes = _figure(2, max(1, len(runs)), height=6.0, sharex="col", sharey="row")
+    fig, axes = new_figure(2, max(1, len(runs)), height=6.0, sharex="col", sharey="row")
     for col, run in enumerate(runs):
         top, bottom = axes[0][col], axes[1][col]
         wide = _wide(trace.scalars(run=run, metric=["saturation", "gain"]).query("layer != ''"))
         layers = _ordered_layers(info, run, set(wide.index.get_level_values("layer"))) if not wide.empty else []
-        shades = _depth_colors(colors[run], len(layers))
+        shades = depth_colors(colors[run], len(layers))
         for ax, metric, ylabel, what in ((top, "saturation", "fraction saturated", "fraction saturated"),
                                          (bottom, "gain", "gain (mean f′ / max f′)", "gain")):
-            ax.set_title(f"{_esc(run)}: {what} per layer", fontsize=10)
+            ax.set_title(f"{literal(run)}: {what} per layer", fontsize=10)
             if ax is bottom:  # the columns share their step axis
                 ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
@@ -396,7 +396,7 @@ def saturation(trace: Trace) -> Figure:
             for name, color in zip(layers, shades):
                 data = wide.loc[name]
                 if metric in data:
-                    ax.plot(data.index.to_numpy(), _finite(data[metric]), color=color, lw=1.3, label=_esc(name))
+                    ax.plot(data.index.to_numpy(), _finite(data[metric]), color=color, lw=1.3, label=literal(name))
             ax.set_ylim(-0.03, 1.03)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
@@ -411,7 +411,7 @@ def covariate_shift(trace: Trace, shift: pd.DataFrame | None) -> Figure:
     at the previous one (W2 top row, W1 bottom row when given), one column per run. Shows
     a run's nonlinearity layers when ``shift`` has any, else all its layers in ``shift``."""
     if shift is None or shift.empty:
-        fig, axes = _figure(1, 1)
+        fig, axes = new_figure(1, 1)
         ax = axes[0][0]
         ax.set_xlabel("step")
         ax.set_ylabel("W₂ to previous detail step (units of the output)")
@@ -428,16 +428,16 @@ def covariate_shift(trace: Trace, shift: pd.DataFrame | None) -> Figure:
     if "w1_prev" in shift.columns and np.isfinite(shift["w1_prev"].to_numpy(dtype=float)).any():
         metrics.append(("w1_prev", "W₁"))
     info = trace.layer_info()
-    fig, axes = _figure(len(metrics), len(runs), height=3.2 * len(metrics) + 0.8, sharex="col", sharey="row")
+    fig, axes = new_figure(len(metrics), len(runs), height=3.2 * len(metrics) + 0.8, sharex="col", sharey="row")
     for col, run in enumerate(runs):
         mine = shift[shift["run"] == run]
         layers = _candidates(info, run, set(mine["layer"]))
-        shades = _depth_colors(colors[run], len(layers))
+        shades = depth_colors(colors[run], len(layers))
         mine_info = info[(info["run"] == run) & info["layer"].isin(layers)]
         kind = "nonlinearity" if mine_info["nonlinearity"].notna().any() else "layer"
         for row, (metric, symbol) in enumerate(metrics):
             ax = axes[row][col]
-            ax.set_title(f"{_esc(run)}: {symbol} shift per {kind}", fontsize=10)
+            ax.set_title(f"{literal(run)}: {symbol} shift per {kind}", fontsize=10)
             if row == len(metrics) - 1:  # the columns share their step axis
                 ax.set_xlabel("step")
             ax.set_ylabel(f"{symbol} to previous detail step\n(units of the output)")
@@ -447,7 +447,7 @@ def covariate_shift(trace: Trace, shift: pd.DataFrame | None) -> Figure:
             for name, color in zip(layers, shades):
                 rows = mine[mine["layer"] == name].sort_values("step")
                 ax.plot(rows["step"], _finite(rows[metric].to_numpy(dtype=float)), "o-", color=color,
-                        ms=2.5, lw=1.2, label=_esc(name))
+                        ms=2.5, lw=1.2, label=literal(name))
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         _depth_key(fig, [axes[r][col] for r in range(len(metrics))], layers, shades)
@@ -484,11 +484,11 @@ def gradient_flow(trace: Trace) -> Figure:
         vmin, vmax = vmin - 0.5, vmax + 0.5
     most = max((len(g[1]) for g in grids), default=0)
     height = HEIGHT + max(0.0, 0.12 * (min(most, MAX_LABELS) - 10))
-    fig, axes = _figure(1, max(1, len(runs)), height=height)
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=_BAD)
+    fig, axes = new_figure(1, max(1, len(runs)), height=height)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad=MASKED)
     mesh = None
     for ax, (run, layers, steps, logs) in zip(axes[0], grids):
-        ax.set_title(f"{_esc(run)}: gradient norm per layer", fontsize=10, color=colors[run])
+        ax.set_title(f"{literal(run)}: gradient norm per layer", fontsize=10, color=colors[run])
         ax.set_xlabel("step")
         ax.set_ylabel("layer (forward order)")
         if not layers:
@@ -499,7 +499,7 @@ def gradient_flow(trace: Trace) -> Figure:
         ax.set_ylim(len(layers) - 0.5, -0.5)
         shown = _thin(len(layers))
         kinds = [_layer_type(info, run, layers[i]) for i in shown]
-        ax.set_yticks(shown, labels=[_esc(layers[i]) + (f" ({_esc(k)})" if k else "") for i, k in zip(shown, kinds)],
+        ax.set_yticks(shown, labels=[literal(layers[i]) + (f" ({literal(k)})" if k else "") for i, k in zip(shown, kinds)],
                       fontsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if mesh is not None:
@@ -521,7 +521,7 @@ def histograms(trace: Trace, layer: str | None = None) -> Figure:
     if layer is not None and layer not in set(info["layer"]):
         raise ValueError(f"no layer {layer!r} in {trace.path}; layers: {', '.join(trace.layers)}")
     if hists.empty:
-        fig, axes = _figure(1, 1)
+        fig, axes = new_figure(1, 1)
         ax = axes[0][0]
         ax.set_title("Output distributions over training", fontsize=10)
         ax.set_xlabel("step")
@@ -549,14 +549,14 @@ def histograms(trace: Trace, layer: str | None = None) -> Figure:
         outside = 1.0 - frac.sum(axis=1)
         panels[(run, name)] = (counts.index.to_numpy(), edges, frac, float(outside.max(initial=0.0)))
     vmax = max((float(p[2].max(initial=0.0)) for p in panels.values()), default=1.0) or 1.0
-    fig, axes = _figure(rows, max(1, len(runs)), height=2.6 * rows + 1.0)
+    fig, axes = new_figure(rows, max(1, len(runs)), height=2.6 * rows + 1.0)
     cmap = sns.color_palette("rocket_r", as_cmap=True)
     norm = mcolors.PowerNorm(0.5, vmin=0.0, vmax=vmax)
     for row in range(rows):
         for col, run in enumerate(runs):
             ax, name = axes[row][col], picks[run][row]
             kind = _layer_type(info, run, name) if name is not None else ""
-            ax.set_title(f"{_esc(run)}: layer {_esc(name)}" + (f" ({_esc(kind)})" if kind else "") + " output",
+            ax.set_title(f"{literal(run)}: layer {literal(name)}" + (f" ({literal(kind)})" if kind else "") + " output",
                          fontsize=9, color=colors[run])
             ax.set_xlabel("step")
             ax.set_ylabel("output value")

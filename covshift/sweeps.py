@@ -633,7 +633,7 @@ def _log_ticks(ax: Any, values: list[float]) -> None:
 
 def _sensitivity(table: pd.DataFrame, x: str, xlabel: str, title: str, threshold: float) -> Figure:
     """Three panels against ``x`` (log scale): final loss, best validation accuracy, steps to threshold."""
-    fig, axes = plots._figure(1, 3)
+    fig, axes = plots.new_figure(1, 3)
     variants = _variants(table)
     colors = plots.run_colors(variants)
     panels = (("final_loss", "final training loss (last 10% of steps)"),
@@ -699,7 +699,7 @@ def sweep_grid(sa: SweepAnalysis) -> Figure:
     variants = _variants(runs)
     lrs, scales = sorted(set(runs["lr"])), sorted(set(runs["init_scale"]))
     cells = _aggregate(runs, ["variant", "init_scale", "lr"])
-    fig, axes = plots._figure(1, max(1, len(variants)), height=max(3.0, 0.45 * len(scales) + 2.0))
+    fig, axes = plots.new_figure(1, max(1, len(variants)), height=max(3.0, 0.45 * len(scales) + 2.0))
     values = cells["final_loss"].to_numpy(dtype=float)
     finite = values[np.isfinite(values)]
     if finite.size and plots.spans_decades(finite) and finite.min() > 0:
@@ -707,7 +707,7 @@ def sweep_grid(sa: SweepAnalysis) -> Figure:
     else:
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         norm = mcolors.Normalize(lo, hi if hi > lo else lo + 1.0)
-    cmap = sns.color_palette("rocket_r", as_cmap=True).with_extremes(bad=plots._BAD)
+    cmap = sns.color_palette("rocket_r", as_cmap=True).with_extremes(bad=plots.MASKED)
     for ax, v in zip(axes[0], variants):
         mine = cells[cells["variant"] == v].set_index(["init_scale", "lr"])
         grid = np.full((len(scales), len(lrs)), np.nan)
@@ -727,7 +727,7 @@ def sweep_grid(sa: SweepAnalysis) -> Figure:
         ax.set_yticks(range(len(scales)), labels=[_g(x) for x in scales])
         ax.set_xlabel("learning rate")
         ax.set_ylabel("init scale")
-        ax.set_title(f"{plots._esc(v)}: mean final training loss over seeds", fontsize=10,
+        ax.set_title(f"{plots.literal(v)}: mean final training loss over seeds", fontsize=10,
                      color=plots.run_colors([v])[v])
     fig.colorbar(ScalarMappable(norm, cmap), ax=axes.ravel().tolist(), fraction=0.03, pad=0.01).set_label(
         "final training loss")
