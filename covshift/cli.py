@@ -25,8 +25,9 @@ from .store import TraceError, load
 from .variants import VariantError
 
 app = typer.Typer(
-    help="Show why a neural network trains well or badly: record per-layer statistics "
-    "while it trains, then read them back.",
+    help="Show why a neural network trains well or badly. covshift trace trains your model with and "
+    "without BatchNorm and writes a report; covshift sweep repeats the pair over learning rates and "
+    "init scales; covshift report re-reads any trace, including one recorded with covshift.Tracer.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
