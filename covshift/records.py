@@ -93,6 +93,13 @@ class StepRecord:
     update_norms: int | None = None
     prev_norms: int | None = None
 
+    def entry(self, layer: str) -> LayerStep:
+        """The layer's record of this step, created on first use."""
+        found = self.layers.get(layer)
+        if found is None:
+            found = self.layers[layer] = LayerStep()
+        return found
+
     def rows(self, kinds: dict[str, bool]) -> list[tuple[str, str, float]]:
         """``(layer, metric, value)`` rows; ``kinds[layer]`` says whether the layer has a
         known nonlinearity (and so saturation and gain)."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stats
-from .records import LayerStep, Slots, StepRecord, fetch, summarize
+from .records import Slots, StepRecord, fetch, summarize
 from .store import TraceWriter
 
 #: Name given to the model itself when it is hooked (its qualified name is empty).
@@ -211,7 +211,7 @@ class Tracer:
         if y is None or y.numel() == 0:
             return
         rec = self._current
-        entry = rec.layers.setdefault(layer.name, LayerStep())
+        entry = rec.entry(layer.name)
         put = rec.slots.put
         flat = stats.flat_float(y)
         if flat.numel() not in layer.indices:
@@ -244,7 +244,7 @@ class Tracer:
             return
         g = stats.flat_float(grad)
         rec = self._current
-        rec.layers.setdefault(name, LayerStep()).grads.append((g.numel(), rec.slots.put(torch.dot(g, g))))
+        rec.entry(name).grads.append((g.numel(), rec.slots.put(torch.dot(g, g))))
 
     # step boundary ---------------------------------------------------------------------
     def step(self, loss: Tensor | float | None = None) -> int:

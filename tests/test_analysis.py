@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import fit
 from torch import nn
 
 import covshift
@@ -318,6 +319,11 @@ def test_runs_without_data(tmp_path):
 
 # -------------------------------------------------------------------------- real trace
 
+def validate(tracer, step):
+    if step == 5:
+        tracer.log(val_loss=1.0, val_accuracy=0.5)
+
+
 def test_end_to_end_on_a_recorded_trace(tmp_path):
     path = tmp_path / "real.covshift"
     torch.manual_seed(0)
@@ -326,16 +332,7 @@ def test_end_to_end_on_a_recorded_trace(tmp_path):
         torch.manual_seed(0)
         mid = [nn.Linear(5, 8)] + ([nn.BatchNorm1d(8)] if bn else []) + [nn.Sigmoid(), nn.Linear(8, 3)]
         model = nn.Sequential(*mid)
-        opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        with covshift.Tracer(model, path, run=run, optimizer=opt, detail_every=2,
-                             config={"variant": run}) as tracer:
-            for _ in range(6):
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                tracer.step(loss=loss)
-            tracer.log(val_loss=1.0, val_accuracy=0.5)
+        fit(model, path, x, y, 6, lr=0.5, run=run, detail_every=2, config={"variant": run}, after_step=validate)
     a = analyze(path)
     assert a.runs == ["bn", "nobn"]
     assert len(a.gradient_flow) == 12 and set(a.gradient_flow["verdict"]) <= {"vanishing", "healthy", "exploding"}

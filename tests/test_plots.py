@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import fit
 from matplotlib import colors as mcolors
 from matplotlib.figure import Figure
 from scipy.stats import wasserstein_distance
@@ -34,20 +35,16 @@ FIGURES = ["training_loss", "activations", "percentiles", "saturation", "covaria
 def record(path, run, model, steps=30, detail_every=5, val_every=10):
     """Train ``model`` on one fixed batch with a Tracer attached, logging val metrics."""
     torch.manual_seed(0)
-    opt = torch.optim.SGD(model.parameters(), lr=0.2)
     x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
-    with covshift.Tracer(model, path, run=run, optimizer=opt, detail_every=detail_every, bins=16) as tracer:
-        for step in range(steps):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            tracer.step(loss=loss)
-            if val_every and (step + 1) % val_every == 0:
-                with torch.no_grad():
-                    out = model(x)
-                tracer.log(val_loss=nn.functional.cross_entropy(out, y) * 1.1,
-                           val_accuracy=(out.argmax(1) == y).float().mean())
+
+    def validate(tracer, step):
+        if val_every and (step + 1) % val_every == 0:
+            with torch.no_grad():
+                out = model(x)
+            tracer.log(val_loss=nn.functional.cross_entropy(out, y) * 1.1,
+                       val_accuracy=(out.argmax(1) == y).float().mean())
+
+    fit(model, path, x, y, steps, lr=0.2, after_step=validate, run=run, detail_every=detail_every, bins=16)
 
 
 def tiny(batchnorm: bool) -> nn.Module:

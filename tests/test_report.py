@@ -1,11 +1,11 @@
 """The report: claims decided from numbers, Markdown and self-contained HTML, the CLI."""
 
 import re
-import textwrap
 
 import pandas as pd
 import pytest
 import torch
+from helpers import fit
 from torch import nn
 from typer.testing import CliRunner
 
@@ -157,15 +157,8 @@ def test_report_of_an_own_loop_trace_escapes_layer_names(tmp_path):
     model.add_module("<script>alert(1)</script>", nn.Linear(3, 4))
     model.add_module("act", nn.Tanh())
     model.add_module("head", nn.Linear(4, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "own.covshift"
-    with covshift.Tracer(model, path, optimizer=opt, detail_every=2) as tracer:
-        for _ in range(6):
-            opt.zero_grad()
-            loss = model(torch.randn(8, 3)).pow(2).mean()
-            loss.backward()
-            opt.step()
-            tracer.step(loss=loss)
+    fit(model, path, torch.randn(8, 3), None, 6, loss_fn=lambda out, _: out.pow(2).mean(), detail_every=2)
     written = covshift.report(path, tmp_path / "r")
     page = written["report.html"].read_text()
     assert "<script>" not in page

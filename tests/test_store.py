@@ -6,6 +6,7 @@ import sqlite3
 import numpy as np
 import pytest
 import torch
+from helpers import fit
 from torch import nn
 
 import covshift
@@ -15,16 +16,8 @@ from covshift.store import APPLICATION_ID, SCHEMA_VERSION, TraceError, TraceWrit
 def write_trace(path, steps=3, run="r", **kwargs):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
-    with covshift.Tracer(model, path, run=run, optimizer=opt, detail_every=2, **kwargs) as tracer:
-        for _ in range(steps):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            tracer.step(loss=loss)
-    return model
+    return fit(model, path, x, y, steps, run=run, detail_every=2, **kwargs)
 
 
 def test_missing_file(tmp_path):

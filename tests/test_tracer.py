@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fit
 from torch import nn
 
 import covshift
@@ -1108,17 +1109,10 @@ def test_hooks_run_inside_torch_compile(tmp_path):
     def train(compiled):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
-        opt = torch.optim.SGD(model.parameters(), lr=0.1)
         run = torch.compile(model, backend="eager") if compiled else model
         x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
         path = tmp_path / f"{compiled}.covshift"
-        with covshift.Tracer(model, path, optimizer=opt) as tracer:
-            for _ in range(3):
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(run(x), y)
-                loss.backward()
-                opt.step()
-                tracer.step(loss=loss)
+        fit(model, path, x, y, 3, forward=run)
         return covshift.load(path).scalars()
 
     eager, compiled = train(False), train(True)
