@@ -86,11 +86,12 @@ class Interrupted(Exception):
 
 def loader(data: Dataset | DataLoader, batch_size: int, seed: int | None) -> DataLoader:
     """A DataLoader over ``data`` (a Dataset, or a DataLoader's dataset and collate_fn) that
-    shuffles with its own generator seeded by ``seed`` (None: no shuffling)."""
+    shuffles with its own generator seeded by ``seed`` (None: no shuffling). Every loader has
+    a generator of its own, so that iterating it never draws from the global RNG."""
     collate = None
     if isinstance(data, DataLoader):
         data, collate = data.dataset, data.collate_fn
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    generator = torch.Generator() if seed is None else torch.Generator().manual_seed(seed)
     return DataLoader(data, batch_size=batch_size, shuffle=seed is not None, generator=generator,
                       collate_fn=collate)
 

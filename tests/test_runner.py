@@ -387,3 +387,25 @@ def test_steps_override_epochs_and_batch_size_precedence(tmp_path):
     assert loss_steps(path, "bn") == list(range(5))
     runner.train_pair(mf, {"batch_size": 64}, path, only="bn")
     assert loss_steps(path, "bn") == list(range(3))
+
+
+def test_validation_leaves_the_training_rng_alone(tmp_path):
+    """Dropout draws from the global RNG: validating after every step must not shift its masks."""
+    mf = load(tmp_path, '''
+        config = {"batch_size": 16}
+
+
+        def build_model():
+            return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3))
+
+
+        def data():
+            return make_data()
+        ''')
+    losses = []
+    for i, eval_every in enumerate((None, 1)):
+        path = tmp_path / f"t{i}.covshift"
+        runner.train_pair(mf, {"steps": 6, "eval_every": eval_every}, path, only="nobn")
+        with covshift.load(path) as trace:
+            losses.append(trace.scalars(run="nobn", layer="", metric="loss")["value"].tolist())
+    assert len(losses[0]) == 6 and losses[0] == losses[1]
