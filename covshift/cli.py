@@ -140,7 +140,7 @@ def _user_errors(debug: bool) -> Iterator[None]:
 
 def _summary(outcomes: list[Outcome], title: str) -> Table:
     table = Table(title=title)
-    for column in ("run", "steps", "train loss", "val loss", "val accuracy", "wall time", "diverged"):
+    for column in ("run", "steps", "train loss (eval)", "val loss", "val accuracy", "wall time", "diverged"):
         table.add_column(column)
 
     def number(value: float | None, fmt: str = ".4g") -> str:

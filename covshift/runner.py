@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .modelfile import ModelFile, ModelFileError, user_traceback
 from .store import load
@@ -67,7 +68,7 @@ class Outcome:
 
     run: str
     steps: int = 0
-    train_loss: float | None = None
+    train_loss: float | None = None  # the last train_eval_loss (eval mode, not the last mini-batch's)
     val_loss: float | None = None
     val_accuracy: float | None = None
     wall_time: float = 0.0
@@ -84,13 +85,16 @@ class Interrupted(Exception):
         self.outcomes = outcomes
 
 
-def loader(data: Dataset | DataLoader, batch_size: int, seed: int | None) -> DataLoader:
+def loader(data: Dataset | DataLoader, batch_size: int, seed: int | None, limit: int | None = None) -> DataLoader:
     """A DataLoader over ``data`` (a Dataset, or a DataLoader's dataset and collate_fn) that
-    shuffles with its own generator seeded by ``seed`` (None: no shuffling). Every loader has
-    a generator of its own, so that iterating it never draws from the global RNG."""
+    shuffles with its own generator seeded by ``seed`` (None: no shuffling), over only the
+    first ``limit`` examples when given. Every loader has a generator of its own, so that
+    iterating it never draws from the global RNG."""
     collate = None
     if isinstance(data, DataLoader):
         data, collate = data.dataset, data.collate_fn
+    if limit is not None:
+        data = Subset(data, range(min(limit, len(data))))
     generator = torch.Generator() if seed is None else torch.Generator().manual_seed(seed)
     return DataLoader(data, batch_size=batch_size, shuffle=seed is not None, generator=generator,
                       collate_fn=collate)
@@ -155,10 +159,27 @@ def check_model(mf: ModelFile, model: nn.Module, run: str, x: Any, y: Any) -> No
         raise ModelFileError("loss_fn(output, target) must return a single-value tensor")
 
 
-def evaluate(model: nn.Module, data: DataLoader, loss_fn: Callable, device: torch.device) -> tuple[float, float | None]:
-    """Mean validation loss and, for class-index targets, accuracy."""
+@dataclass
+class Evaluation:
+    """One pass over a data set in eval mode. ``accuracy`` and ``majority`` (the frequency of
+    the most common class: the accuracy of always guessing it) only for class-index targets."""
+
+    loss: float
+    accuracy: float | None = None
+    majority: float | None = None
+
+    def metrics(self, prefix: str) -> dict[str, float]:
+        """``{prefix}_loss`` and, when measured, ``{prefix}_accuracy``."""
+        found = {"loss": self.loss, "accuracy": self.accuracy}
+        return {f"{prefix}_{name}": value for name, value in found.items() if value is not None}
+
+
+def evaluate(model: nn.Module, data: DataLoader, loss_fn: Callable, device: torch.device) -> Evaluation:
+    """The model's mean loss over ``data`` in eval mode, without gradients, and for
+    class-index targets its accuracy."""
     model.eval()
     total, count, correct, classify = 0.0, 0, 0, True
+    classes: Counter[int] = Counter()
     with torch.no_grad():
         for batch in data:
             x, y = to_device(batch, device)
@@ -168,8 +189,12 @@ def evaluate(model: nn.Module, data: DataLoader, loss_fn: Callable, device: torc
             classify = classify and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
             if classify:
                 correct += int((out.argmax(1) == y).sum())
+                labels, counts = torch.unique(y, return_counts=True)
+                classes.update(dict(zip(labels.tolist(), counts.tolist())))
     model.train()
-    return total / max(count, 1), (correct / count if classify and count else None)
+    if not (classify and count):
+        return Evaluation(total / max(count, 1))
+    return Evaluation(total / count, correct / count, max(classes.values()) / count)
 
 
 def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:
@@ -202,9 +227,12 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
     batch_size = s.batch_size or 64
     batches = loader(train, batch_size, s.seed)
     val_batches = loader(val, batch_size, None)
+    # the first len(val) training examples, unshuffled: the same for every run, and as many as val
+    train_eval_batches = loader(train, batch_size, None, limit=len(val_batches.dataset))
     total = s.steps or s.epochs * len(batches)
     outcome = Outcome(run)
-    settings = {**asdict(s), "batch_size": batch_size, "planned_steps": total}
+    settings = {**asdict(s), "batch_size": batch_size, "planned_steps": total,
+                "val_examples": len(val_batches.dataset), "train_eval_examples": len(train_eval_batches.dataset)}
     del settings["steps"]  # "steps" is what the run did, set when the tracer closes
     start = time.perf_counter()
 
@@ -213,14 +241,16 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
     validated = [-1]  # the step of the last validation
 
     def validate(tracer: Tracer) -> None:
+        """Log ``val_*`` on the validation set and ``train_eval_*`` on the training subset."""
         if validated[0] == outcome.steps:
             return
         validated[0] = outcome.steps
-        outcome.val_loss, outcome.val_accuracy = evaluate(model, val_batches, loss_fn, device)
-        values = {"val_loss": outcome.val_loss}
-        if outcome.val_accuracy is not None:
-            values["val_accuracy"] = outcome.val_accuracy
-        tracer.log(**values)
+        on_val = evaluate(model, val_batches, loss_fn, device)
+        on_train = evaluate(model, train_eval_batches, loss_fn, device)
+        outcome.val_loss, outcome.val_accuracy, outcome.train_loss = on_val.loss, on_val.accuracy, on_train.loss
+        if on_val.majority is not None:
+            tracer.config["chance_accuracy"] = on_val.majority
+        tracer.log(**on_val.metrics("val"), **on_train.metrics("train_eval"))
 
     with Tracer(model, path, run=run, optimizer=optimizer, every=s.every, detail_every=s.detail_every,
                 config={**config, **settings, "variant": variant or run}, overwrite=True) as tracer:
@@ -240,10 +270,10 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
                     if instruments is not None:
                         record_instruments(tracer, instruments, index, x, y)
                     outcome.steps += 1
-                    outcome.train_loss = float(loss.detach())
+                    value = float(loss.detach())
                     if on_step is not None:
-                        on_step(run, epoch, outcome.steps, total, outcome.train_loss)
-                    if not math.isfinite(outcome.train_loss):
+                        on_step(run, epoch, outcome.steps, total, value)
+                    if not math.isfinite(value):
                         outcome.diverged_at = outcome.steps - 1
                         break
                     if s.eval_every and outcome.steps % s.eval_every == 0:

@@ -312,8 +312,8 @@ def test_validation_steps(tmp_path, overrides, expected):
     path = tmp_path / "t.covshift"
     runner.train_pair(mf, overrides, path)
     for run in ("bn", "nobn"):
-        assert val_steps(path, run) == expected
-        assert val_steps(path, run, "val_accuracy") == expected
+        for metric in ("val_loss", "val_accuracy", "train_eval_loss", "train_eval_accuracy"):
+            assert val_steps(path, run, metric) == expected, metric
         assert loss_steps(path, run) == list(range(expected[-1] + 1))
 
 
@@ -339,6 +339,79 @@ def test_validation_values_match_an_independent_evaluation(tmp_path):
     assert math.isclose(outcome.val_loss, expected_loss, rel_tol=1e-5)
     # validation forwards are not training forwards: only 4 batches were recorded as inputs
     assert len([m for m, _ in mf.module.SEEN if m is model[0]]) == 4
+
+
+EVAL_MODE = '''
+config = {"batch_size": 16}
+
+
+def build_model():  # BatchNorm and Dropout: a train-mode pass would give other losses
+    return watched(nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 3)))
+
+
+def data():
+    return make_data(n_val=20)
+'''
+
+
+def test_train_eval_values_match_an_independent_evaluation(tmp_path):
+    """train_eval_* is the model in eval mode on the first len(val) = 20 training examples,
+    in dataset order; the outcome's train_loss is its last value, not a mini-batch's."""
+    mf = load(tmp_path, EVAL_MODE)
+    train, val = mf.datasets()
+    torch.manual_seed(0)
+    model = mf.build()
+    path = tmp_path / "t.covshift"
+    outcome = runner.train_run(mf, model, "nobn", train, val, Settings.resolve(mf.config, {"epochs": 1}), path)
+    x, y = train.tensors[0][:20], train.tensors[1][:20]
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        expected_loss = float(nn.functional.cross_entropy(out, y))
+        expected_accuracy = int((out.argmax(1) == y).sum()) / 20
+    with covshift.load(path) as trace:
+        frame = trace.scalars(run="nobn", layer="")
+        config = trace.config("nobn")
+    last = frame[frame["step"] == 3].set_index("metric")["value"]
+    assert math.isclose(last["train_eval_loss"], expected_loss, rel_tol=1e-5)
+    assert math.isclose(last["train_eval_accuracy"], expected_accuracy, rel_tol=1e-9)
+    assert outcome.train_loss == last["train_eval_loss"] != last["loss"]
+    assert config["train_loss"] == outcome.train_loss
+    assert (config["val_examples"], config["train_eval_examples"]) == (20, 20)
+    y_val = val.tensors[1]
+    assert config["chance_accuracy"] == int(torch.bincount(y_val).max()) / 20
+    assert len([m for m, _ in mf.module.SEEN if m is model[0]]) == 4  # no evaluation forward trained
+
+
+def test_regression_targets_get_no_accuracy(tmp_path):
+    """Float targets: losses only, no accuracy and no chance level; a training set smaller than
+    the validation set is evaluated whole."""
+    mf = load(tmp_path, '''
+        config = {"batch_size": 8}
+
+
+        def build_model():
+            return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+
+
+        def data():
+            g = torch.Generator().manual_seed(0)
+            x, y = torch.randn(40, 4, generator=g), torch.randn(40, 2, generator=g)
+            return TensorDataset(x[:16], y[:16]), TensorDataset(x[16:], y[16:])
+
+
+        def loss_fn(output, target):
+            return nn.functional.mse_loss(output, target)
+        ''')
+    path = tmp_path / "t.covshift"
+    runner.train_pair(mf, {"epochs": 1}, path, only="nobn")
+    with covshift.load(path) as trace:
+        metrics = set(trace.scalars(run="nobn", layer="")["metric"])
+        config = trace.config("nobn")
+    assert {"val_loss", "train_eval_loss"} <= metrics
+    assert not {"val_accuracy", "train_eval_accuracy"} & metrics
+    assert "chance_accuracy" not in config
+    assert (config["val_examples"], config["train_eval_examples"]) == (24, 16)
 
 
 # -- (6) Settings.resolve ------------------------------------------------------------------

@@ -456,8 +456,9 @@ def test_summary_table_lists_both_runs(tmp_path):
             cells = dict(zip(header, rows[run]))
             assert cells["steps"] == "3"
             assert cells["diverged"] == "-"
-            last_loss = trace.scalars(run=run, layer="", metric="loss")["value"].iloc[-1]
-            assert math.isclose(float(cells["train loss"]), last_loss, rel_tol=1e-3)
+            # the eval-mode loss on the training subset, not the last mini-batch's
+            last_loss = trace.scalars(run=run, layer="", metric="train_eval_loss")["value"].iloc[-1]
+            assert math.isclose(float(cells["train loss (eval)"]), last_loss, rel_tol=1e-3)
             assert cells["val accuracy"].endswith("%")
 
 
