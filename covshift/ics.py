@@ -27,9 +27,14 @@ Landscape along the gradient (:func:`measure_landscape`). From ``θ = W^t`` with
 ``factors`` (default 0.25, 0.5, 1, 2, 4: a quarter to four times the step plain SGD would
 take; the optimizer's real update, e.g. with momentum, is not used)::
 
-    loss_variation      = max - min of L(θ - η g) over η ∈ {0} ∪ {lr * f}   (η = 0 included)
+    landscape_loss_min  = min of L(θ - η g) over η ∈ {0} ∪ {lr * f}        (η = 0 included)
+    landscape_loss_max  = max of L(θ - η g) over the same η
+    loss_variation      = landscape_loss_max - landscape_loss_min
     grad_predictiveness = max_η ||∇L(θ) - ∇L(θ - η g)||_2                  (η > 0 only)
+    grad_predictiveness_min = min_η ||∇L(θ) - ∇L(θ - η g)||_2              (η > 0 only)
     beta_smoothness     = max_η ||∇L(θ) - ∇L(θ - η g)||_2 / ||η g||_2      (η > 0 only)
+
+The minima and maxima are the bands of Santurkar et al.'s Figure 4.
 
 The gradients are over all trainable parameters; ``beta_smoothness`` is an effective
 β-smoothness along g (for a quadratic ``½ θᵀAθ`` it is ``||A g|| / ||g||`` at every η).
@@ -113,6 +118,11 @@ class _Evaluator:
         return float(loss.detach()), grads
 
 
+def _nan_extreme(pick: Callable[..., float], values: Iterable[float]) -> float:
+    """``pick`` (``min`` or ``max``) of the values that are not nan; nan when there are none."""
+    return pick((v for v in values if v == v), default=float("nan"))
+
+
 def _flat(tensors: Iterable[Tensor]) -> Tensor:
     """One float64 vector of all ``tensors``."""
     parts = [t.reshape(-1).to(torch.float64) for t in tensors]
@@ -178,8 +188,9 @@ def measure_landscape(
     factors: Sequence[float] = (0.25, 0.5, 1, 2, 4),
     *,
     _g0: tuple[float, list[Tensor]] | None = None,
-) -> tuple[float, float, float]:
-    """``(loss_variation, grad_predictiveness, beta_smoothness)`` along ``-∇L`` from the
+) -> dict[str, float]:
+    """``loss_variation``, ``grad_predictiveness``, ``beta_smoothness``, ``landscape_loss_min``,
+    ``landscape_loss_max`` and ``grad_predictiveness_min`` (by name) along ``-∇L`` from the
     pre-step parameters, step sizes ``lr * f`` for ``f`` in ``factors`` (module docstring)."""
     theta0 = _pre_step(model, before)
     names = list(theta0)
@@ -197,8 +208,14 @@ def measure_landscape(
         preds.append(change)
         dist = abs(eta) * gnorm
         betas.append(change / dist if dist > 0 else float("nan"))
-    nanmax = lambda v: max((a for a in v if a == a), default=float("nan"))  # noqa: E731
-    return max(losses) - min(losses), nanmax(preds), nanmax(betas)
+    return {
+        "loss_variation": max(losses) - min(losses),
+        "grad_predictiveness": _nan_extreme(max, preds),
+        "beta_smoothness": _nan_extreme(max, betas),
+        "landscape_loss_min": min(losses),
+        "landscape_loss_max": max(losses),
+        "grad_predictiveness_min": _nan_extreme(min, preds),
+    }
 
 
 class Instruments:
@@ -232,19 +249,15 @@ class Instruments:
             self._before, self._step = None, None
 
     def after_step(self, step: int, x: Any, y: Any) -> dict | None:
-        """After ``optimizer.step()``: the measurements of a measured step, else None."""
+        """After ``optimizer.step()``: the measurements of a measured step (``layers``: the
+        :func:`measure_ics` rows, and the :func:`measure_landscape` values by name), else None."""
         if self._before is None or self._step != step:
             return None
         before, self._before, self._step = self._before, None, None
         theta0 = _pre_step(self.model, before)
         loss0, g0 = _Evaluator(self.model, self.loss_fn, x, y)(theta0, list(theta0))
         layers = measure_ics(self.model, self.loss_fn, x, y, before, _g0=g0)
-        variation, predictiveness, beta = measure_landscape(
+        landscape = measure_landscape(
             self.model, self.loss_fn, x, y, before, self.lr_of(), self.factors, _g0=(loss0, g0)
         )
-        return {
-            "layers": layers,
-            "loss_variation": variation,
-            "grad_predictiveness": predictiveness,
-            "beta_smoothness": beta,
-        }
+        return {"layers": layers, **landscape}

@@ -312,7 +312,7 @@ def record_instruments(tracer: Tracer, instruments: Instruments, step: int, x: A
         name = layer or ROOT
         if name in hooked:
             tracer.log(step=step, layer=name, ics_l2=l2, ics_rel=rel, ics_cos=cos)
-    tracer.log(step=step, **{k: measured[k] for k in ("loss_variation", "grad_predictiveness", "beta_smoothness")})
+    tracer.log(step=step, **{k: v for k, v in measured.items() if k != "layers"})
 
 
 def prepare(mf: ModelFile, overrides: dict[str, Any]) -> tuple[Settings, Any, Any, dict[str, nn.Module]]:

@@ -115,8 +115,11 @@ def test_instruments_do_not_interfere():
         assert r["layers"][0][1] == 0.0 and r["layers"][0][3] == pytest.approx(1.0)
         assert r["layers"][1][1] > 0
         assert all(math.isfinite(v) for layer in r["layers"] for v in layer[1:])
-        for key in ("loss_variation", "grad_predictiveness", "beta_smoothness"):
+        for key in ("loss_variation", "grad_predictiveness", "beta_smoothness", "landscape_loss_min",
+                    "landscape_loss_max", "grad_predictiveness_min"):
             assert math.isfinite(r[key]) and r[key] > 0
+        assert r["loss_variation"] == r["landscape_loss_max"] - r["landscape_loss_min"]
+        assert r["grad_predictiveness_min"] <= r["grad_predictiveness"]
 
 
 def test_layer_groups_attach_batchnorm_to_previous_layer():
@@ -149,7 +152,12 @@ class _Quadratic(nn.Module):
         return self.lin(x)
 
 
-def test_landscape_closed_form_quadratic():
+@pytest.mark.parametrize("overshoot", [False, True], ids=["small-steps", "overshooting"])
+def test_landscape_closed_form_quadratic(overshoot):
+    """Along -g the loss is ½(θ - ηg)ᵀA(θ - ηg) and ∇L(θ) - ∇L(θ - ηg) = ηAg, by hand.
+    Small steps: the loss falls along all of them, so its max is at η = 0 and its min at the
+    largest η. Overshooting: the largest step, 3 η* (η* = gᵀg / gᵀAg minimises the loss along
+    -g), lands above L(θ), and the smallest loss is at 0.75 η*: both extremes lie inside."""
     torch.manual_seed(1)
     X = torch.randn(6, 4, dtype=D)
     A = X.T @ X
@@ -157,22 +165,24 @@ def test_landscape_closed_form_quadratic():
     model = _Quadratic(theta)
     loss_fn = lambda out, y: 0.5 * out.pow(2).sum()  # noqa: E731
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    # every step below 1/λ_max, so the loss falls along all of them and L(θ) at η = 0 is the max
-    lr, factors = 0.2 / torch.linalg.eigvalsh(A).max().item(), (0.25, 0.5, 1, 2, 4)
-
-    variation, predictiveness, beta = measure_landscape(
-        model, loss_fn, X, None, before, lr=lr, factors=factors
-    )
-
     g = A @ theta
+    factors = (0.25, 0.5, 1, 2, 4)
+    lr = 0.75 * (g @ g / (g @ A @ g)).item() if overshoot else 0.2 / torch.linalg.eigvalsh(A).max().item()
+
+    got = measure_landscape(model, loss_fn, X, None, before, lr=lr, factors=factors)
+
     etas = [0.0] + [lr * f for f in factors]
-    losses = [0.5 * (theta - e * g) @ A @ (theta - e * g) for e in etas]
-    assert max(losses) == losses[0]  # η = 0 is counted in loss_variation
-    assert variation == pytest.approx((max(losses) - min(losses)).item(), rel=1e-10)
+    losses = [(0.5 * (theta - e * g) @ A @ (theta - e * g)).item() for e in etas]
+    low, high = losses.index(min(losses)), losses.index(max(losses))
+    assert (low, high) == ((3, 5) if overshoot else (5, 0))  # η = 0 is counted
+    assert got["landscape_loss_min"] == pytest.approx(losses[low], rel=1e-10)
+    assert got["landscape_loss_max"] == pytest.approx(losses[high], rel=1e-10)
+    assert got["loss_variation"] == pytest.approx(losses[high] - losses[low], rel=1e-10)
     Ag = torch.linalg.vector_norm(A @ g).item()
-    assert predictiveness == pytest.approx(lr * max(factors) * Ag, rel=1e-10)
-    assert beta == pytest.approx(Ag / torch.linalg.vector_norm(g).item(), rel=1e-10)
-    assert beta <= torch.linalg.eigvalsh(A).max().item() * (1 + 1e-12)
+    assert got["grad_predictiveness"] == pytest.approx(lr * max(factors) * Ag, rel=1e-10)
+    assert got["grad_predictiveness_min"] == pytest.approx(lr * min(factors) * Ag, rel=1e-10)
+    assert got["beta_smoothness"] == pytest.approx(Ag / torch.linalg.vector_norm(g).item(), rel=1e-10)
+    assert got["beta_smoothness"] <= torch.linalg.eigvalsh(A).max().item() * (1 + 1e-12)
     assert torch.equal(model.lin.weight.reshape(-1), theta)
 
 

@@ -414,6 +414,23 @@ def test_regression_targets_get_no_accuracy(tmp_path):
     assert (config["val_examples"], config["train_eval_examples"]) == (24, 16)
 
 
+LANDSCAPE = ["loss_variation", "grad_predictiveness", "beta_smoothness", "landscape_loss_min",
+             "landscape_loss_max", "grad_predictiveness_min"]
+
+
+def test_ics_every_records_every_landscape_measure(tmp_path):
+    mf = load(tmp_path, DERIVED)
+    path = tmp_path / "t.covshift"
+    runner.train_pair(mf, {"steps": 4, "ics_every": 2}, path, only="nobn")
+    with covshift.load(path) as trace:
+        frame = trace.scalars(run="nobn", layer="", metric=LANDSCAPE)
+    table = frame.pivot(index="step", columns="metric", values="value")
+    assert list(table.index) == [0, 2] and sorted(table.columns) == sorted(LANDSCAPE)
+    assert (table["loss_variation"] == table["landscape_loss_max"] - table["landscape_loss_min"]).all()
+    assert (table["grad_predictiveness_min"] <= table["grad_predictiveness"]).all()
+    assert (table["landscape_loss_min"] > 0).all()
+
+
 # -- (6) Settings.resolve ------------------------------------------------------------------
 
 
