@@ -108,19 +108,32 @@ class TraceWriter:
         if not isinstance(name, str) or not name:
             raise ValueError("a run needs a non-empty name")
         with self.conn:
-            row = self.conn.execute("SELECT id FROM runs WHERE name = ?", (name,)).fetchone()
-            if row is not None:
-                if not overwrite:
-                    raise ValueError(
-                        f"run {name!r} already exists in {self.path}: choose another run name, "
-                        "or pass overwrite=True to replace it")
-                for table in ("scalars", "units", "histograms", "layers"):
-                    self.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (row[0],))
-                self.conn.execute("DELETE FROM runs WHERE id = ?", (row[0],))
+            if not overwrite and self.conn.execute("SELECT 1 FROM runs WHERE name = ?", (name,)).fetchone():
+                raise ValueError(
+                    f"run {name!r} already exists in {self.path}: choose another run name, "
+                    "or pass overwrite=True to replace it")
+            self._delete_run(name)
             created = datetime.now(timezone.utc).isoformat(timespec="seconds")
             cur = self.conn.execute("INSERT INTO runs (name, config, created) VALUES (?, ?, ?)",
                                     (name, json.dumps(config, default=str), created))
         return int(cur.lastrowid)
+
+    def remove_runs(self, names: Iterable[str]) -> list[str]:
+        """Delete the named runs with all their rows, in one transaction (all or none);
+        returns the names that were in the file."""
+        with self.conn:
+            return [name for name in names if self._delete_run(name)]
+
+    def _delete_run(self, name: str) -> bool:
+        """Delete a run and its rows inside the caller's transaction; False when there is none."""
+        row = self.conn.execute("SELECT id FROM runs WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            return False
+        for table in ("scalars", "units", "histograms", "layers"):
+            self.conn.execute(f"DELETE FROM {table} WHERE run_id = ?", (row[0],))
+        self.conn.execute("DELETE FROM runs WHERE id = ?", (row[0],))
+        self._layers = {key: i for key, i in self._layers.items() if key[0] != row[0]}
+        return True
 
     def update_config(self, run_id: int, **values: Any) -> None:
         """Merge ``values`` into a run's config."""

@@ -161,3 +161,53 @@ def test_config_is_json(tmp_path):
         (text,) = conn.execute("SELECT config FROM runs").fetchone()
     config = json.loads(text)
     assert config["shape"] == [1, 2] and config["device"] == "cpu"
+
+
+def test_remove_runs(tmp_path):
+    path = tmp_path / "t.covshift"
+    for run in ("a", "b", "c"):
+        write_trace(path, run=run)
+    writer = TraceWriter(path)
+    assert writer.remove_runs(["a", "c", "missing"]) == ["a", "c"]
+    writer.close()
+    with covshift.load(path) as trace:
+        assert trace.runs == ["b"]
+        for frame in (trace.scalars(), trace.units(), trace.histograms(), trace.layer_info()):
+            assert len(frame) and set(frame["run"]) == {"b"}
+    with sqlite3.connect(path) as conn:
+        for table in ("scalars", "units", "histograms", "layers"):
+            orphans = conn.execute(f"SELECT COUNT(*) FROM {table} WHERE run_id NOT IN (SELECT id FROM runs)")
+            assert orphans.fetchone()[0] == 0, table
+
+
+def test_remove_runs_is_one_transaction(tmp_path):
+    path = tmp_path / "t.covshift"
+    for run in ("a", "b"):
+        write_trace(path, run=run)
+
+    def names():
+        yield "a"
+        raise RuntimeError("interrupted")
+
+    writer = TraceWriter(path)
+    with pytest.raises(RuntimeError):
+        writer.remove_runs(names())
+    writer.close()
+    with covshift.load(path) as trace:
+        assert trace.runs == ["a", "b"] and set(trace.scalars()["run"]) == {"a", "b"}
+
+
+def test_a_removed_run_can_be_written_again_by_the_same_writer(tmp_path):
+    """The new run may reuse the removed run's id: the writer must not keep its old layers."""
+    path = tmp_path / "t.covshift"
+    writer = TraceWriter(path)
+    old = writer.add_run("r", {})
+    writer.add_layer(old, "0", "Linear", None, 0, None)
+    writer.remove_runs(["r"])
+    new = writer.add_run("r", {})
+    writer.add_layer(new, "0", "Tanh", "tanh", 0, None)
+    writer.write(new, [(0, "0", "mean", 0.5)], [], [])
+    writer.close()
+    with covshift.load(path) as trace:
+        assert trace.layer_info()["type"].tolist() == ["Tanh"]
+        assert trace.scalars()[["layer", "value"]].values.tolist() == [["0", 0.5]]
