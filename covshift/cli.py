@@ -155,6 +155,24 @@ def _summary(outcomes: list[Outcome], title: str) -> Table:
     return table
 
 
+def _seeds(text: str, seed: int | None) -> int | list[int]:
+    """``--seeds``: a count (``"3"``) or a comma-separated list of distinct seeds (``"0,1,2"``);
+    raises the one-line error otherwise."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise _fail(f"--seeds takes a count (3) or a comma-separated list of seeds (0,1,2), not {text!r}") from None
+    if len(values) == 1:
+        if values[0] < 1:
+            raise _fail(f"--seeds {text}: the number of seeds must be at least 1")
+        return values[0]
+    if len(set(values)) < len(values):
+        raise _fail(f"--seeds {text} lists a seed twice")
+    if seed is not None:
+        raise _fail(f"--seed {seed} and the list --seeds {text} exclude each other: give the seeds in the list")
+    return values
+
+
 @app.command()
 def trace(
     ctx: typer.Context,
@@ -170,6 +188,9 @@ def trace(
     momentum: Optional[float] = typer.Option(None, help="SGD momentum (default: config, else 0)."),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay (default: config, else 0)."),
     seed: Optional[int] = typer.Option(None, help="Seed of both runs: initial weights and batch order."),
+    seeds: Optional[str] = typer.Option(None, help="Train the pair once per seed: a count N (the seed, from --seed or "
+                                        "the file's config, and the N-1 after it) or a list 0,1,2. With several "
+                                        "seeds the runs are named 'bn seed=0', 'nobn seed=0', ..."),
     only: Optional[str] = typer.Option(None, help="Train only the bn or the nobn variant."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: reports/<model file stem>/)."),
@@ -188,10 +209,14 @@ def trace(
     they have in common. A model without BatchNorm gets it inserted after each Linear/Conv
     that feeds a nonlinearity; a model with BatchNorm gets it replaced by Identity.
 
-    Example: covshift trace examples/mlp_sigmoid.py --epochs 3 --lr 0.5
+    --seeds trains the pair once per seed, all into the one trace. A rerun removes the runs
+    of an earlier covshift trace in that file that it does not write again.
+
+    Example: covshift trace examples/mlp_sigmoid.py --epochs 3 --lr 0.5 --seeds 3
     """
     if only not in (None, "bn", "nobn"):
         raise _fail(f"--only takes bn or nobn, not {only!r}")
+    seed_spec = 1 if seeds is None else _seeds(seeds, seed)
     problem = _device_problem(device)
     if problem:
         raise _fail(problem)
@@ -214,7 +239,7 @@ def trace(
                         tasks[run] = progress.add_task(run, total=total, loss="-", epoch=epoch)
                     progress.update(tasks[run], completed=step, loss=f"{loss:.4g}", epoch=epoch)
 
-                outcomes = train_pair(mf, overrides, path, only, on_step)
+                outcomes = train_pair(mf, overrides, path, only, on_step, seed_spec)
     except Interrupted as e:
         Console().print(_summary(e.outcomes, "interrupted: the trace keeps every step flushed so far"))
         typer.echo(f"interrupted; trace: {path}", err=True)

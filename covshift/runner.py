@@ -2,7 +2,8 @@
 
 Both runs get the same seed, the same sequence of mini-batches (a seeded sampler of their
 own, not the global RNG), the same optimizer settings, and every layer the variants share
-starts from the same weights. Each run is recorded into the trace under its variant name.
+starts from the same weights. Each run is recorded into the trace under its variant name,
+followed by its seed when the pair is trained with several seeds (``bn seed=1``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .modelfile import ModelFile, ModelFileError, user_traceback
-from .store import load
+from .store import TraceWriter, load
 from .ics import Instruments
 from .tracer import ROOT, Tracer
 from .variants import derive_pair, share_weights
@@ -315,10 +316,12 @@ def record_instruments(tracer: Tracer, instruments: Instruments, step: int, x: A
     tracer.log(step=step, **{k: v for k, v in measured.items() if k != "layers"})
 
 
-def prepare(mf: ModelFile, overrides: dict[str, Any]) -> tuple[Settings, Any, Any, dict[str, nn.Module]]:
-    """Settings, ``(train, val)`` data and the two checked variants (init scale applied)."""
+def prepare(mf: ModelFile, overrides: dict[str, Any], data: tuple[Any, Any] | None = None,
+            ) -> tuple[Settings, Any, Any, dict[str, nn.Module]]:
+    """Settings, ``(train, val)`` data (``data``, else the file's ``data()``) and the two
+    checked variants (init scale applied)."""
     s = Settings.resolve(mf.config, overrides)
-    train, val = mf.datasets()
+    train, val = mf.datasets() if data is None else data
     if s.batch_size is None and isinstance(train, DataLoader) and train.batch_size:
         s.batch_size = train.batch_size
     first = next(iter(loader(train, s.batch_size or 64, s.seed)), None)
@@ -332,16 +335,44 @@ def prepare(mf: ModelFile, overrides: dict[str, Any]) -> tuple[Settings, Any, An
     return s, train, val, variants
 
 
-def train_pair(mf: ModelFile, overrides: dict[str, Any], path: Path, only: str | None = None,
-               on_step: StepCallback | None = None) -> list[Outcome]:
-    """Train the model file's BN and no-BN variants (or ``only`` one) into ``path``."""
-    s, train, val, variants = prepare(mf, overrides)
-    outcomes: list[Outcome] = []
-    for run in VARIANTS:
-        if only is not None and run != only:
-            continue
+def remove_stale_runs(path: Path, keep: set[str]) -> None:
+    """Remove from ``path`` the runs an earlier ``covshift trace`` wrote (config ``variant``
+    bn or nobn, not a sweep's) whose names are not in ``keep``."""
+    if not path.is_file():
+        return
+    with load(path) as trace:
+        configs = {run: trace.config(run) for run in trace.runs}
+    stale = [run for run, c in configs.items()
+             if run not in keep and c.get("variant") in VARIANTS and c.get("sweep") is not True]
+    if stale:
+        writer = TraceWriter(path)
         try:
-            outcomes.append(train_run(mf, variants[run], run, train, val, s, path, on_step))
-        except Interrupted as e:
-            raise Interrupted(outcomes + e.outcomes) from None
+            writer.remove_runs(stale)
+        finally:
+            writer.close()
+
+
+def train_pair(mf: ModelFile, overrides: dict[str, Any], path: Path, only: str | None = None,
+               on_step: StepCallback | None = None, seeds: int | list[int] = 1) -> list[Outcome]:
+    """Train the model file's BN and no-BN variants (or ``only`` one) into ``path``, once per
+    seed: ``seeds`` is a list, or a count of consecutive seeds from the resolved seed. With
+    one seed the runs are named ``bn`` and ``nobn``, with more ``bn seed=0``, ``nobn seed=0``,
+    ``bn seed=1``, ... Runs of an earlier ``covshift trace`` that this call does not rewrite
+    are removed from the file once the first seed's models are checked."""
+    start = Settings.resolve(mf.config, overrides).seed
+    seed_list = list(range(start, start + seeds)) if isinstance(seeds, int) else list(seeds)
+    trained = [v for v in VARIANTS if only is None or v == only]
+    names = {(seed, v): v if len(seed_list) == 1 else f"{v} seed={seed}" for seed in seed_list for v in trained}
+    data = mf.datasets()
+    outcomes: list[Outcome] = []
+    for seed in seed_list:
+        s, train, val, variants = prepare(mf, {**overrides, "seed": seed}, data)
+        if seed == seed_list[0]:
+            remove_stale_runs(path, set(names.values()))
+        for variant in trained:
+            try:
+                outcomes.append(train_run(mf, variants[variant], names[seed, variant], train, val, s, path, on_step,
+                                          variant=variant))
+            except Interrupted as e:
+                raise Interrupted(outcomes + e.outcomes) from None
     return outcomes

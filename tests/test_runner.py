@@ -292,6 +292,69 @@ def test_seed_sets_batch_order_and_initial_weights(tmp_path):
     assert not torch.equal(w1[0], w2[0])
 
 
+def test_each_seed_trains_exactly_as_a_single_seed_pair(tmp_path):
+    mf = load(tmp_path, DERIVED)
+    several = tmp_path / "several.covshift"
+    outcomes = runner.train_pair(mf, {"steps": 3}, several, seeds=[2, 0])
+    assert [o.run for o in outcomes] == ["bn seed=2", "nobn seed=2", "bn seed=0", "nobn seed=0"]
+    batches, weights = first_layer_batches(mf), initial_weights(mf)
+    assert same_tensors(batches[0], batches[1]) and same_tensors(weights[0], weights[1])  # a seed's pair
+    assert same_tensors(batches[2], batches[3]) and same_tensors(weights[2], weights[3])
+    assert not torch.equal(weights[0][0], weights[2][0]) and not same_tensors(batches[0], batches[2])
+    for seed in (2, 0):
+        single = tmp_path / f"seed{seed}.covshift"
+        runner.train_pair(mf, {"steps": 3, "seed": seed}, single)
+        with covshift.load(several) as a, covshift.load(single) as b:
+            assert b.runs == ["bn", "nobn"]
+            for variant in runner.VARIANTS:
+                run = f"{variant} seed={seed}"
+                assert (a.config(run)["variant"], a.config(run)["seed"]) == (variant, seed)
+                assert (a.scalars(run=run, layer="", metric="loss")["value"].tolist()
+                        == b.scalars(run=variant, layer="", metric="loss")["value"].tolist())
+
+
+@pytest.mark.parametrize("overrides, config, expected", [
+    ({}, "", [0, 1]),
+    ({}, 'config["seed"] = 3', [3, 4]),
+    ({"seed": 7}, 'config["seed"] = 3', [7, 8]),
+])
+def test_a_count_of_seeds_starts_at_the_resolved_seed(tmp_path, overrides, config, expected):
+    mf = load(tmp_path, DERIVED + config + "\n")
+    path = tmp_path / "t.covshift"
+    outcomes = runner.train_pair(mf, {"steps": 1, **overrides}, path, only="nobn", seeds=2)
+    assert [o.run for o in outcomes] == [f"nobn seed={seed}" for seed in expected]
+    with covshift.load(path) as trace:
+        assert [trace.config(run)["seed"] for run in trace.runs] == expected
+
+
+def test_a_rerun_removes_the_paired_runs_it_does_not_write_again(tmp_path):
+    """Runs of an earlier covshift trace go; a sweep's runs and runs recorded otherwise stay."""
+    mf = load(tmp_path, DERIVED)
+    path = tmp_path / "t.covshift"
+    runner.train_pair(mf, {"steps": 1}, path, seeds=2)
+    s, train, val, variants = runner.prepare(mf, {"steps": 1})
+    runner.train_run(mf, variants["bn"], "bn lr=0.1 init=1 seed=0", train, val, s, path, variant="bn",
+                     extra={"sweep": True})
+    with covshift.Tracer(nn.Linear(4, 3), path, run="mine", config={"note": "my own loop"}) as tracer:
+        tracer.step(loss=1.0)
+    runner.train_pair(mf, {"steps": 1}, path, only="nobn")
+    with covshift.load(path) as trace:
+        assert trace.runs == ["bn lr=0.1 init=1 seed=0", "mine", "nobn"]
+    runner.train_pair(mf, {"steps": 1}, path)
+    with covshift.load(path) as trace:
+        assert trace.runs == ["bn lr=0.1 init=1 seed=0", "mine", "bn", "nobn"]
+
+
+def test_a_broken_model_file_leaves_the_trace_alone(tmp_path):
+    path = tmp_path / "t.covshift"
+    runner.train_pair(load(tmp_path, DERIVED), {"steps": 1}, path, seeds=2)
+    broken = load(tmp_path, DERIVED.replace("nn.Linear(4, 8)", "nn.Linear(5, 8)"), name="broken.py")
+    with pytest.raises(ModelFileError, match="forward"):
+        runner.train_pair(broken, {"steps": 1}, path)
+    with covshift.load(path) as trace:
+        assert trace.runs == ["bn seed=0", "nobn seed=0", "bn seed=1", "nobn seed=1"]
+
+
 # -- (5) validation metrics --------------------------------------------------------------
 
 

@@ -319,6 +319,20 @@ def test_only_with_a_bad_value(tmp_path):
     assert not (tmp_path / "reports").exists()
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--seeds", "0"], "at least 1"),
+    (["--seeds", "-1"], "at least 1"),
+    (["--seeds", "a,b"], "'a,b'"),
+    (["--seeds", "0,,1"], "'0,,1'"),
+    (["--seeds", "1,2,1"], "twice"),
+    (["--seed", "3", "--seeds", "1,2"], "exclude each other"),
+])
+def test_bad_seeds_fail_before_anything_is_loaded(tmp_path, args, words):
+    line = only_error_line(invoke(tmp_path / "nowhere.py", *args))  # the file is never looked at
+    assert "--seeds" in line and words in line, line
+    assert not (tmp_path / "reports").exists()
+
+
 def test_bad_optimizer(tmp_path):
     path = write_model(tmp_path, GOOD)
     line = only_error_line(invoke(path, "--optimizer", "rmsprop", "--out", tmp_path / "o"))
@@ -460,6 +474,34 @@ def test_summary_table_lists_both_runs(tmp_path):
             last_loss = trace.scalars(run=run, layer="", metric="train_eval_loss")["value"].iloc[-1]
             assert math.isclose(float(cells["train loss (eval)"]), last_loss, rel_tol=1e-3)
             assert cells["val accuracy"].endswith("%")
+
+
+@pytest.mark.parametrize("args, runs", [
+    (["--seeds", "0,2"], ["bn seed=0", "nobn seed=0", "bn seed=2", "nobn seed=2"]),
+    (["--seeds", "2", "--seed", "4", "--only", "nobn"], ["nobn seed=4", "nobn seed=5"]),
+])
+def test_seeds_train_a_pair_per_seed_into_one_trace(tmp_path, args, runs):
+    path = write_model(tmp_path, GOOD)
+    result = invoke(path, "--steps", 2, "--out", tmp_path / "o", *args)
+    assert result.exit_code == 0, result.output
+    assert list(summary_rows(result.output)) == ["run", *runs]
+    with load_trace(tmp_path / "o" / "trace.covshift") as trace:
+        assert trace.runs == runs
+        for run in runs:
+            variant, seed = run.split(" seed=")
+            assert (trace.config(run)["variant"], trace.config(run)["seed"]) == (variant, int(seed))
+            assert loss_steps(trace, run) == [0, 1]
+
+
+def test_a_rerun_with_one_seed_leaves_only_bn_and_nobn(tmp_path):
+    path = write_model(tmp_path, GOOD)
+    assert invoke(path, "--steps", 1, "--seeds", 3, "--out", tmp_path / "o").exit_code == 0
+    with load_trace(tmp_path / "o" / "trace.covshift") as trace:
+        assert len(trace.runs) == 6
+    result = invoke(path, "--steps", 1, "--out", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    with load_trace(tmp_path / "o" / "trace.covshift") as trace:
+        assert trace.runs == ["bn", "nobn"] and set(trace.scalars()["run"]) == {"bn", "nobn"}
 
 
 def sgd_lr_used(trace, run: str, layer: str = "0") -> list[float]:
