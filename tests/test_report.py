@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 import covshift
 from covshift.analysis import Analysis
 from covshift.cli import app
-from covshift.report import claims
+from covshift.analysis.claims import claims
 
 FIGURES = ["batchnorm_training_loss.png", "activations.png", "percentiles.png", "saturation.png",
            "covariate_shift.png", "gradient_flow.png", "histograms.png"]
@@ -184,7 +184,7 @@ def test_claims_compare_the_named_pair():
 
 def test_a_sweep_decides_the_learning_rate_and_initialization_claims(tmp_path):
     from covshift.store import TraceWriter
-    from covshift.sweeps import analyze_sweep
+    from covshift.analysis.sweep import analyze_sweep
     writer = TraceWriter(tmp_path / "s.covshift")
     for variant in ("bn", "nobn"):
         for lr in (0.1, 1.0):

@@ -14,10 +14,13 @@ import numpy as np
 import pytest
 
 import covshift
-from covshift import sweeps
-from covshift.report import claims, report
+from covshift.analysis import sweep, sweep_findings, sweep_tables
+from covshift.analysis.claims import claims
+from covshift.analysis.sweep import analyze_sweep
+from covshift.analysis.sweep_tables import sweep_runs
+from covshift.report import report, style, sweep_figures
+from covshift.report.sweep_figures import save_sweep_figures
 from covshift.store import TraceWriter
-from covshift.sweeps import analyze_sweep, save_sweep_figures, sweep_runs
 
 STEPS = 100
 START = 2.0
@@ -95,7 +98,7 @@ def texts(sa, section: str) -> str:
 
 
 def verdict(sa, claim: str) -> tuple[str, str]:
-    return sweeps.lr_verdict(sa) if claim == "lr" else sweeps.init_verdict(sa, 0.10)
+    return sweep_findings.lr_verdict(sa) if claim == "lr" else sweep_findings.init_verdict(sa, 0.10)
 
 
 # ------------------------------------------------------------------------------- per run
@@ -148,7 +151,7 @@ def test_no_sweep_in_a_plain_trace(tmp_path):
     path = write_sweep(tmp_path / "p.covshift", {}, plain={"bn": outcome(), "nobn": outcome()})
     with covshift.load(path) as trace:
         assert sweep_runs(trace).empty
-        assert list(sweep_runs(trace).columns) == sweeps.RUN_COLUMNS
+        assert list(sweep_runs(trace).columns) == sweep_tables.RUN_COLUMNS
         assert analyze_sweep(trace) is None
 
 
@@ -310,12 +313,12 @@ def test_figures_mark_diverged_settings(tmp_path):
     assert set(written) == {"lr_sensitivity.png", "init_sensitivity.png", "sweep_grid.png"}
     for path in written.values():
         assert path.read_bytes()[:8] == PNG
-    colors = {v: covshift.plots.PALETTE[v] for v in ("bn", "nobn")}
-    ax = sweeps.lr_sensitivity(sa).axes[0]
+    colors = {v: style.PALETTE[v] for v in ("bn", "nobn")}
+    ax = sweep_figures.lr_sensitivity(sa).axes[0]
     assert ax.get_xscale() == "log"
     crosses = {line.get_color(): sorted(line.get_xdata()) for line in ax.lines if line.get_marker() == "x"}
     assert crosses == {colors["bn"]: [3.0], colors["nobn"]: [0.3, 3.0]}
-    labels = [t.get_text() for t in sweeps.sweep_grid(sa).axes[1].texts]  # nobn: 2 of 4 lrs diverge, 3 scales
+    labels = [t.get_text() for t in sweep_figures.sweep_grid(sa).axes[1].texts]  # nobn: 2 of 4 lrs diverge, 3 scales
     assert labels.count("div") == 6 and len(labels) == 12
 
 
@@ -374,9 +377,9 @@ def test_a_sweep_trace_with_its_own_pair_reports_that_pair(tmp_path):
                        plain={"bn": outcome(acc=0.55), "nobn": outcome(acc=0.44)})
     with covshift.load(path) as trace:
         sa = analyze_sweep(trace)
-        assert sweeps.default_pair(trace, sa) == {"bn": "bn", "nobn": "nobn"}
+        assert sweep.default_pair(trace, sa) == {"bn": "bn", "nobn": "nobn"}
         assert len(sa.runs) == 8  # the plain runs are not sweep runs
-        view = sweeps.RunView(trace, sweeps.default_pair(trace, sa))
+        view = sweep.RunView(trace, sweep.default_pair(trace, sa))
         a = covshift.analyze(view)
     evidence = {c.claim: c.evidence for c in claims(a, sweep=sa)}
     assert "bn 55.0%, nobn 44.0%" in evidence["better generalization"]
@@ -386,7 +389,7 @@ def test_a_sweep_trace_with_its_own_pair_reports_that_pair(tmp_path):
 def test_run_view_renames_and_restricts(tmp_path):
     path = write_sweep(tmp_path / "v.covshift", grid(lambda *key: outcome(), lrs=[0.1], scales=(1.0,), seeds=(0, 1)))
     with covshift.load(path) as trace:
-        view = sweeps.RunView(trace, {"bn": name("bn", 0.1, 1.0, 1), "nobn": name("nobn", 0.1, 1.0, 1)})
+        view = sweep.RunView(trace, {"bn": name("bn", 0.1, 1.0, 1), "nobn": name("nobn", 0.1, 1.0, 1)})
         assert view.runs == ["bn", "nobn"] and view.layers == ["fc1", "act1", "fc2"]
         assert view.config("bn")["seed"] == 1
         assert set(view.scalars()["run"]) == {"bn", "nobn"} and len(view.scalars(run="bn", metric="loss")) == STEPS
@@ -407,7 +410,7 @@ def test_plain_report_has_no_sweep_sections(tmp_path):
 
 def test_report_draws_the_pairs_its_findings_link(tmp_path):
     """The sweep report writes saturation and gradient-flow figures for the failing pairs it links."""
-    from covshift.sweeps import pair_folder
+    from covshift.analysis.sweep_findings import pair_folder
 
     def rule(v, lr, s, seed):
         return outcome(diverge=12, sat=0.7, g2=1000.0) if v == "nobn" and lr >= 0.3 else outcome(sat=0.05)

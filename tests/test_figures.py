@@ -22,7 +22,7 @@ from scipy.stats import wasserstein_distance
 from torch import nn
 
 import covshift
-from covshift import plots
+from covshift.report import distribution_figures, figures, style
 from covshift.store import TraceWriter
 
 FIGURES = ["training_loss", "activations", "percentiles", "saturation", "covariate_shift",
@@ -62,7 +62,7 @@ def deep(blocks: int, first: str = "fc0") -> nn.Module:
 
 @pytest.fixture(scope="module")
 def trace_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("plots") / "pair.covshift"
+    path = tmp_path_factory.mktemp("figures") / "pair.covshift"
     record(path, "bn", tiny(True))
     record(path, "nobn", tiny(False))
     return path
@@ -93,7 +93,7 @@ def shift_of(trace) -> pd.DataFrame:
             rows.append({"run": run, "layer": layer, "step": step, "w2_prev": w2(a, b), "w2_first": w2(a, f),
                          "w1_prev": wasserstein_distance(a[0], b[0], a[1], b[1]),
                          "w1_first": wasserstein_distance(a[0], f[0], a[1], f[1])})
-    return pd.DataFrame(rows, columns=list(plots.SHIFT_COLUMNS))
+    return pd.DataFrame(rows, columns=list(distribution_figures.SHIFT_COLUMNS))
 
 
 LAYERS = [("fc", "Linear", None), ("act", "Tanh", "tanh"), ("out", "Linear", None)]
@@ -135,8 +135,8 @@ def fake(path, runs=("bn", "nobn"), steps=40, loss=None, val=False, hists=True, 
 # ---------------------------------------------------------------------------------------
 def build(name, trace, shift=None):
     if name == "covariate_shift":
-        return plots.covariate_shift(trace, shift_of(trace) if shift is None else shift)
-    return getattr(plots, name)(trace)
+        return distribution_figures.covariate_shift(trace, shift_of(trace) if shift is None else shift)
+    return getattr(distribution_figures if name == "histograms" else figures, name)(trace)
 
 
 def main_axes(fig):
@@ -185,23 +185,23 @@ def test_figure_axes_and_labels(trace, name):
 
 
 def test_axis_units_and_labels(trace):
-    loss = plots.training_loss(trace)
+    loss = figures.training_loss(trace)
     assert [ax.get_ylabel() for ax in loss.axes] == ["training loss", "validation loss", "validation accuracy (%)"]
-    assert main_axes(plots.saturation(trace))[0].get_ylabel() == "fraction saturated"
-    grad = plots.gradient_flow(trace)
+    assert main_axes(figures.saturation(trace))[0].get_ylabel() == "fraction saturated"
+    grad = figures.gradient_flow(trace)
     assert next(ax for ax in grad.axes if ax.get_label() == "<colorbar>").get_ylabel() == "log10 ‖∂L/∂y‖"
     ticks = shown_ticks(main_axes(grad)[0].yaxis)
     assert ticks == ["fc1 (Linear)", "fc1_bn (BatchNorm1d)", "act1 (Tanh)", "fc2 (Linear)"]  # forward order
 
 
 def test_default_layers_are_the_last_nonlinearity(trace):
-    fig = plots.percentiles(trace)
+    fig = figures.percentiles(trace)
     assert [ax.get_title() for ax in fig.axes] == ["bn: layer act1 (Tanh)", "nobn: layer act1 (Tanh)"]
-    fig = plots.percentiles(trace, layer="fc1_bn")  # only in the bn run
+    fig = figures.percentiles(trace, layer="fc1_bn")  # only in the bn run
     assert "no percentiles of layer fc1_bn in run nobn" in texts(fig)
     with pytest.raises(ValueError, match="no layer 'nope'"):
-        plots.percentiles(trace, layer="nope")
-    fig = plots.histograms(trace, layer="fc2")
+        figures.percentiles(trace, layer="nope")
+    fig = distribution_figures.histograms(trace, layer="fc2")
     titles = [ax.get_title() for ax in main_axes(fig)]
     assert titles == ["bn: layer fc2 (Linear) output", "nobn: layer fc2 (Linear) output"]
 
@@ -210,9 +210,9 @@ def test_save_all_writes_seven_small_pngs(trace, tmp_path):
     import matplotlib.pyplot as plt
 
     before = plt.get_fignums()
-    paths = plots.save_all(trace, shift_of(trace), tmp_path / "figs")
+    paths = figures.save_all(trace, shift_of(trace), tmp_path / "figs")
     assert plt.get_fignums() == before  # no pyplot figure created, none left open
-    assert sorted(paths) == sorted(plots.FILES.values()) == sorted(
+    assert sorted(paths) == sorted(figures.FILES.values()) == sorted(
         ["batchnorm_training_loss.png", "activations.png", "percentiles.png", "saturation.png",
          "covariate_shift.png", "gradient_flow.png", "histograms.png"])
     for name, path in paths.items():
@@ -226,39 +226,39 @@ def test_save_all_writes_seven_small_pngs(trace, tmp_path):
 # colours
 # ---------------------------------------------------------------------------------------
 def test_palette():
-    assert set(plots.PALETTE) == {"bn", "nobn"} and plots.PALETTE["bn"] != plots.PALETTE["nobn"]
-    colors = plots.run_colors(["adam", "bn", "sgd", "nobn"])
-    assert colors["bn"] == plots.PALETTE["bn"] and colors["nobn"] == plots.PALETTE["nobn"]
+    assert set(style.PALETTE) == {"bn", "nobn"} and style.PALETTE["bn"] != style.PALETTE["nobn"]
+    colors = style.run_colors(["adam", "bn", "sgd", "nobn"])
+    assert colors["bn"] == style.PALETTE["bn"] and colors["nobn"] == style.PALETTE["nobn"]
     assert len(set(colors.values())) == 4
-    assert plots.run_colors(["adam", "sgd"]) == {"adam": colors["adam"], "sgd": colors["sgd"]}
+    assert style.run_colors(["adam", "sgd"]) == {"adam": colors["adam"], "sgd": colors["sgd"]}
 
 
 def test_palette_is_the_same_in_every_figure(trace):
-    loss_ax = plots.training_loss(trace).axes[0]
+    loss_ax = figures.training_loss(trace).axes[0]
     for run in ("bn", "nobn"):
         (line,) = [ln for ln in loss_ax.get_lines() if ln.get_label() == run]
-        assert mcolors.to_hex(line.get_color()) == plots.PALETTE[run]
-        sat = {ax.get_title(): ax for ax in main_axes(plots.saturation(trace))}
-        assert plots.PALETTE[run] in hex_colors(sat[f"{run}: fraction saturated per layer"])
-        pct = {ax.get_title().split(":")[0]: ax for ax in plots.percentiles(trace).axes}
-        assert plots.PALETTE[run] in hex_colors(pct[run])
+        assert mcolors.to_hex(line.get_color()) == style.PALETTE[run]
+        sat = {ax.get_title(): ax for ax in main_axes(figures.saturation(trace))}
+        assert style.PALETTE[run] in hex_colors(sat[f"{run}: fraction saturated per layer"])
+        pct = {ax.get_title().split(":")[0]: ax for ax in figures.percentiles(trace).axes}
+        assert style.PALETTE[run] in hex_colors(pct[run])
 
 
 # ---------------------------------------------------------------------------------------
 # scales and many layers
 # ---------------------------------------------------------------------------------------
 def test_spans_decades():
-    assert plots.spans_decades([1000.0, 0.5])
-    assert not plots.spans_decades([2.0, 0.5, np.nan, np.inf])
-    assert not plots.spans_decades([1000.0, 0.5, -1.0])
-    assert not plots.spans_decades([])
+    assert style.spans_decades([1000.0, 0.5])
+    assert not style.spans_decades([2.0, 0.5, np.nan, np.inf])
+    assert not style.spans_decades([1000.0, 0.5, -1.0])
+    assert not style.spans_decades([])
 
 
 def test_log_scale_when_loss_spans_decades(tmp_path):
     steep = fake(tmp_path / "steep.covshift", loss=lambda run, s: 10.0 * 0.8 ** s)  # 10 -> 2e-3
     flat = fake(tmp_path / "flat.covshift")  # 2 -> 0.9
-    assert plots.training_loss(steep).axes[0].get_yscale() == "log"
-    assert plots.training_loss(flat).axes[0].get_yscale() == "linear"
+    assert figures.training_loss(steep).axes[0].get_yscale() == "log"
+    assert figures.training_loss(flat).axes[0].get_yscale() == "linear"
 
 
 def test_forty_layers_show_at_most_twenty_names(tmp_path):
@@ -266,18 +266,18 @@ def test_forty_layers_show_at_most_twenty_names(tmp_path):
     record(path, "nobn", deep(20), steps=6, val_every=0)  # 40 layers, 20 of them Tanh
     record(path, "wide", deep(40), steps=6, val_every=0)  # 80 layers, 40 of them Tanh
     with covshift.load(path) as trace:
-        grad = plots.gradient_flow(trace)
+        grad = figures.gradient_flow(trace)
         for ax in main_axes(grad):
             ticks = shown_ticks(ax.yaxis)
             assert 10 <= len(ticks) <= 20
             assert ticks[-1].startswith("act")  # the last layer is always named
-        act = plots.activations(trace)
+        act = figures.activations(trace)
         bars = [ax for ax in act.axes if ax.get_label() == "<colorbar>"]
         assert len(bars) == 2  # 20 and 40 layers: a depth colour bar, not a 40-entry legend
         assert all(ax.get_legend() is None for ax in main_axes(act))
         for bar in bars:
             assert 10 <= len(shown_ticks(bar.yaxis)) <= 20
-        for fig in (plots.saturation(trace), plots.covariate_shift(trace, shift_of(trace))):
+        for fig in (figures.saturation(trace), distribution_figures.covariate_shift(trace, shift_of(trace))):
             for ax in fig.axes:
                 assert len(shown_ticks(ax.yaxis)) <= 20
 
@@ -295,7 +295,7 @@ def test_layer_names_with_markup_and_dollars(tmp_path):
         for name in FIGURES:
             drawn = texts(build(name, trace))
             assert not any("frac{" in t and "\\$" not in t for t in drawn), name
-        assert "<script>\\$x\\$ (Linear)" in texts(plots.gradient_flow(trace))  # printed literally
+        assert "<script>\\$x\\$ (Linear)" in texts(figures.gradient_flow(trace))  # printed literally
 
 
 def test_single_run(tmp_path):
@@ -312,7 +312,7 @@ def test_single_run(tmp_path):
 
 def test_without_val_metrics(tmp_path):
     trace = fake(tmp_path / "noval.covshift", val=False)
-    fig = plots.training_loss(trace)
+    fig = figures.training_loss(trace)
     assert len(fig.axes) == 3
     drawn = texts(fig)
     assert any(t.startswith("no val_loss recorded") for t in drawn)
@@ -321,14 +321,15 @@ def test_without_val_metrics(tmp_path):
 
 
 def test_validation_accuracy_as_percent(tmp_path):
-    fig = plots.training_loss(fake(tmp_path / "val.covshift", val=True))
+    fig = figures.training_loss(fake(tmp_path / "val.covshift", val=True))
     assert fig.axes[2].get_ylabel() == "validation accuracy (%)"
     assert any(t.endswith("%") for t in shown_ticks(fig.axes[2].yaxis))
 
 
-@pytest.mark.parametrize("shift", [pd.DataFrame(), pd.DataFrame(columns=list(plots.SHIFT_COLUMNS)), None])
+@pytest.mark.parametrize("shift", [pd.DataFrame(), pd.DataFrame(columns=list(distribution_figures.SHIFT_COLUMNS)),
+                                   None])
 def test_empty_shift(trace, shift):
-    fig = plots.covariate_shift(trace, shift)
+    fig = distribution_figures.covariate_shift(trace, shift)
     assert len(fig.axes) == 1
     assert fig.axes[0].get_xlabel() == "step" and fig.axes[0].get_ylabel()
     assert any(t.startswith("no detail steps recorded") for t in texts(fig))
@@ -336,7 +337,7 @@ def test_empty_shift(trace, shift):
 
 def test_shift_missing_columns(trace):
     with pytest.raises(ValueError, match="missing columns"):
-        plots.covariate_shift(trace, pd.DataFrame({"run": ["bn"], "layer": ["act1"]}))
+        distribution_figures.covariate_shift(trace, pd.DataFrame({"run": ["bn"], "layer": ["act1"]}))
 
 
 def test_nonfinite_values_and_a_diverged_run(tmp_path):
@@ -370,15 +371,15 @@ def test_diverged_at_from_config(tmp_path):
     writer.update_config(2, diverged_at=7)
     writer.close()
     with covshift.load(path) as trace:
-        assert "nobn diverged at step 7" in texts(plots.training_loss(trace))
+        assert "nobn diverged at step 7" in texts(figures.training_loss(trace))
 
 
 def test_no_histograms(tmp_path):
     trace = fake(tmp_path / "nohist.covshift", hists=False)
-    fig = plots.histograms(trace)
+    fig = distribution_figures.histograms(trace)
     assert len(fig.axes) == 1
     assert any(t.startswith("no histograms recorded") for t in texts(fig))
-    assert len(plots.save_all(trace, pd.DataFrame(), tmp_path / "figs")) == 7
+    assert len(figures.save_all(trace, pd.DataFrame(), tmp_path / "figs")) == 7
 
 
 def test_histograms_of_a_run_without_them(tmp_path):
@@ -392,6 +393,6 @@ def test_histograms_of_a_run_without_them(tmp_path):
     writer.write(rid, [(0, "", "loss", 1.0), (0, "act", "mean", 0.0)], [], [])
     writer.close()
     with covshift.load(path) as trace:
-        fig = plots.histograms(trace)
+        fig = distribution_figures.histograms(trace)
         assert any(t.startswith("no histograms of layer") for t in texts(fig))
         assert len(main_axes(fig)) == 2

@@ -1,0 +1,86 @@
+"""Analysis of a trace: convergence, stability, generalization, saturation, gradient flow,
+covariate shift and divergence, as DataFrames and plain-English findings.
+
+``analyze(trace_or_path)`` returns an :class:`Analysis`. Every number is computed per
+run from what the trace holds; a quantity the trace cannot give is NaN (or ``None``) and
+produces no finding. Steps are the recorded step numbers.
+
+Each section has its module, which defines its quantities and writes its findings:
+:mod:`.convergence`, :mod:`.stability`, :mod:`.generalization`, :mod:`.saturation`,
+:mod:`.gradient_flow`, :mod:`.covariate_shift` and :mod:`.divergence`. :mod:`.common` defines
+the loss they read and the pair of runs their findings compare. :mod:`.claims` checks the classic
+BatchNorm claims against an analysis; :mod:`.sweep` analyses a sweep.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from ..store import Trace, load
+from . import common, convergence, covariate_shift, divergence, generalization, gradient_flow, saturation, stability
+from .common import Finding
+
+__all__ = ["SECTIONS", "Analysis", "Finding", "analyze"]
+
+
+SECTIONS = ("convergence", "stability", "generalization", "saturation", "gradient_flow",
+            "covariate_shift", "divergence")
+
+
+@dataclass
+class Analysis:
+    """All tables of an analysis and its findings (see the module docstring)."""
+    runs: list[str]
+    convergence: pd.DataFrame
+    stability: pd.DataFrame
+    generalization: pd.DataFrame
+    saturation: pd.DataFrame
+    gradient_flow: pd.DataFrame
+    gradient_summary: pd.DataFrame
+    covariate_shift: pd.DataFrame
+    shift_summary: pd.DataFrame
+    divergence: pd.DataFrame
+    findings: list[Finding] = field(default_factory=list)
+
+    def findings_for(self, section: str) -> list[Finding]:
+        """The findings of one section, in order."""
+        return [f for f in self.findings if f.section == section]
+
+
+def analyze(trace: Trace | str | os.PathLike[str]) -> Analysis:
+    """Analyse every run of a trace (a :class:`Trace` or a path to one)."""
+    if isinstance(trace, Trace):
+        return _analyze(trace)
+    with load(trace) as opened:
+        return _analyze(opened)
+
+
+def _analyze(trace: Trace) -> Analysis:
+    runs = trace.runs
+    info = trace.layer_info()
+    run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy"])
+    layer_frame = trace.scalars(metric=["saturation", "gain", "grad_norm", "std", "nonfinite",
+                                        "weight.update_ratio"])
+    layer_frame = layer_frame[layer_frame["layer"] != ""]
+    raw = {run: common.series(run_frame, run, "loss") for run in runs}
+    losses = {run: common.finite_part(*raw[run]) for run in runs}
+    pair = common.pair(trace, runs)
+
+    conv = convergence.table(runs, losses)
+    stab = stability.table(runs, losses, run_frame)
+    gen = generalization.table(runs, losses, run_frame)
+    sat = saturation.table(layer_frame, info)
+    flow = gradient_flow.table(layer_frame, info)
+    gradient_summary = gradient_flow.summary(runs, flow, layer_frame)
+    shift = covariate_shift.table(trace.units(), trace.histograms(), layer_frame, info)
+    shift_summary = covariate_shift.summary(runs, shift, info)
+    div = divergence.table(trace, runs, raw, layer_frame, info)
+
+    findings = (convergence.findings(conv, pair) + stability.findings(stab)
+                + generalization.findings(gen) + saturation.findings(sat, runs, pair)
+                + gradient_flow.findings(gradient_summary, pair) + covariate_shift.findings(shift_summary, runs, pair)
+                + divergence.findings(div))
+    return Analysis(runs, conv, stab, gen, sat, flow, gradient_summary, shift, shift_summary, div, findings)

@@ -1,0 +1,113 @@
+"""What the sections of an analysis share: :class:`Finding`, number formatting and coercion,
+the loss every section reads (its finite part and its smoothing) and the pair of runs the findings
+compare.
+
+**Loss used.** The training ``loss`` run metric up to, not including, its first non-finite
+value (the *finite part*; all of it when the run never diverged). With ``n`` finite steps,
+the *smoothed* loss is a centred rolling mean over ``w`` steps, ``w = max(1, round(0.02 n))``
+made odd by adding 1 when even; windows at the ends use the steps that exist.
+
+**Findings** compare two runs where the trace holds a BN pair (runs whose config
+``variant`` or name is ``bn`` and ``nobn``), or else exactly two runs. Layer names appear
+in backticks; text is not escaped for HTML or Markdown.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..store import Trace
+
+SMOOTH_FRACTION = 0.02     #: smoothing window, as a fraction of a run's steps
+
+
+@dataclass
+class Finding:
+    """One sentence computed from the numbers, with what it is about."""
+    section: str
+    text: str
+    run: str | None = None
+    layer: str | None = None
+    step: int | None = None
+    value: float | None = None
+    runs: tuple[str, ...] = ()  # the runs a comparison names, e.g. a sweep's (bn run, nobn run)
+
+
+def num(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
+def step(x: Any) -> int | None:
+    return None if x is None or pd.isna(x) else int(x)
+
+
+def name(x: Any) -> str | None:
+    """A text cell as str, or None where pandas holds a missing value."""
+    return None if x is None or (not isinstance(x, str) and pd.isna(x)) else str(x)
+
+
+def finite(values: np.ndarray) -> np.ndarray:
+    return values[np.isfinite(values)]
+
+
+def series(frame: pd.DataFrame, run: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and values of one run metric, sorted, one value per step (the last logged)."""
+    rows = frame[(frame["run"] == run) & (frame["metric"] == metric)]
+    rows = rows.drop_duplicates("step", keep="last").sort_values("step")
+    return rows["step"].to_numpy(dtype=np.int64), rows["value"].to_numpy(dtype=float)
+
+
+def finite_part(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    bad = np.flatnonzero(~np.isfinite(values))
+    end = bad[0] if bad.size else len(values)
+    return steps[:end], values[:end]
+
+
+def window(n: int) -> int:
+    w = max(1, int(round(SMOOTH_FRACTION * n)))
+    return w if w % 2 else w + 1
+
+
+def smooth(values: np.ndarray) -> np.ndarray:
+    w = window(len(values))
+    return pd.Series(values).rolling(w, center=True, min_periods=1).mean().to_numpy()
+
+
+def first_step(steps: np.ndarray, mask: np.ndarray) -> float:
+    hit = np.flatnonzero(mask)
+    return float(steps[hit[0]]) if hit.size else math.nan
+
+
+def pair(trace: Trace, runs: list[str]) -> tuple[str, str] | None:
+    """(bn, nobn) by config variant, else by run name; else the two runs of a two-run trace."""
+    by_variant: dict[str, str] = {}
+    for run in runs:
+        variant = trace.config(run).get("variant")
+        if isinstance(variant, str):
+            by_variant.setdefault(variant, run)
+    for found in (by_variant, {run: run for run in runs}):
+        if "bn" in found and "nobn" in found:
+            return found["bn"], found["nobn"]
+    return (runs[0], runs[1]) if len(runs) == 2 else None
+
+
+def row(frame: pd.DataFrame, run: str) -> pd.Series | None:
+    rows = frame[frame["run"] == run] if "run" in frame else frame.iloc[0:0]
+    return None if rows.empty else rows.iloc[0]
+
+
+def all_finite(*values: object) -> bool:
+    """Whether every value is a finite number (numpy scalars included; None is not)."""
+    try:
+        return all(math.isfinite(float(v)) for v in values)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
