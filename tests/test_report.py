@@ -10,9 +10,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 import covshift
-from covshift.analysis import Analysis
 from covshift.cli import app
-from covshift.analysis.claims import claims
+from covshift.analysis import analyze
+from covshift.analysis.claims import CLAIMS, VERDICTS, claims
 
 FIGURES = ["batchnorm_training_loss.png", "activations.png", "percentiles.png", "saturation.png",
            "covariate_shift.png", "gradient_flow.png", "histograms.png"]
@@ -37,67 +37,6 @@ def data():
 '''
 
 
-def analysis(**frames: pd.DataFrame) -> Analysis:
-    """An Analysis of a bn/nobn pair from the given frames, empty elsewhere."""
-    empty = pd.DataFrame()
-    defaults = dict(
-        convergence=pd.DataFrame({"run": ["bn", "nobn"], "final_loss": [0.1, 0.2], "min_loss": [0.1, 0.2],
-                                  "target_loss": [0.2, 0.2], "steps_to_target": [50, 100], "loss_auc": [1.0, 2.0]}),
-        stability=pd.DataFrame({"run": ["bn", "nobn"], "oscillation_index": [1.2, 3.0], "val_spikes": [0, 2]}),
-        generalization=pd.DataFrame({"run": ["bn", "nobn"], "train_loss": [0.1, 0.2], "val_loss": [0.2, 0.3],
-                                     "val_accuracy": [0.95, 0.90], "gap": [0.1, 0.1]}),
-        shift_summary=pd.DataFrame({"run": ["bn", "nobn"], "layer": ["1", "1"], "mean_w2_prev": [0.1, 0.5],
-                                    "mean_w1_prev": [0.1, 0.5]}),
-    )
-    defaults.update(frames)
-    return Analysis(runs=["bn", "nobn"], convergence=defaults["convergence"], stability=defaults["stability"],
-                    generalization=defaults["generalization"], saturation=empty, gradient_flow=empty,
-                    gradient_summary=empty, covariate_shift=empty, shift_summary=defaults["shift_summary"],
-                    divergence=empty, findings=[])
-
-
-def verdicts(a: Analysis) -> dict[str, str]:
-    return {c.claim: c.verdict for c in claims(a)}
-
-
-def test_claims_supported_when_bn_is_better():
-    v = verdicts(analysis())
-    assert v["faster convergence"] == "supported"
-    assert v["smoother, stabler training"] == "supported"
-    assert v["reduced internal covariate shift"] == "supported"
-    assert v["better generalization"] == "supported"
-    assert v["higher usable learning rate"] == "not measured in this trace"
-    assert v["lower sensitivity to initialization"] == "not measured in this trace"
-
-
-def test_claims_not_supported_when_the_data_say_otherwise():
-    a = analysis(
-        convergence=pd.DataFrame({"run": ["bn", "nobn"], "final_loss": [0.1, 0.1], "min_loss": [0.1, 0.1],
-                                  "target_loss": [0.2, 0.2], "steps_to_target": [96, 100], "loss_auc": [1.0, 1.0]}),
-        stability=pd.DataFrame({"run": ["bn", "nobn"], "oscillation_index": [3.0, 1.2], "val_spikes": [2, 0]}),
-        generalization=pd.DataFrame({"run": ["bn", "nobn"], "train_loss": [0.1, 0.1], "val_loss": [0.3, 0.2],
-                                     "val_accuracy": [0.90, 0.905], "gap": [0.2, 0.1]}),
-        shift_summary=pd.DataFrame({"run": ["bn", "nobn"], "layer": ["1", "1"], "mean_w2_prev": [0.5, 0.5],
-                                    "mean_w1_prev": [0.5, 0.5]}))
-    v = verdicts(a)
-    assert v["faster convergence"] == "not supported"  # 96 vs 100 steps is within the 10% margin
-    assert v["smoother, stabler training"] == "not supported"
-    assert v["reduced internal covariate shift"] == "not supported"
-    assert v["better generalization"] == "not supported"
-
-
-def test_claims_evidence_carries_the_numbers():
-    evidence = {c.claim: c.evidence for c in claims(analysis())}
-    assert "bn 50, nobn 100" in evidence["faster convergence"]
-    assert "95.0%" in evidence["better generalization"] and "90.0%" in evidence["better generalization"]
-
-
-def test_single_run_claims_are_not_measured():
-    a = analysis()
-    a.runs = ["run"]
-    assert set(verdicts(a).values()) == {"not measured in this trace"}
-
-
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
@@ -114,12 +53,13 @@ def test_trace_writes_the_report(traced):
         assert (out / name).is_file(), name
     assert "report.html" in output
     md = (out / "report.md").read_text()
-    for section in ("## Summary", "## Convergence and stability", "## Generalization", "## Saturation",
+    for section in ("## Summary", "## Run outcomes", "## How the layers are compared", "## Convergence and stability", "## Generalization", "## Saturation",
                     "## Gradient flow", "## Covariate shift", "## BatchNorm claims"):
         assert section in md
-    rows = [line for line in md.splitlines() if line.startswith("| ") and "**" in line]
-    assert len(rows) == 7
-    assert all(re.search(r"\*\*(supported|not supported|not measured in this trace)\*\*", r) for r in rows)
+    rows = [line for line in md.splitlines() if line.split(" | ")[0][2:] in CLAIMS]
+    assert len(rows) == len(CLAIMS)
+    labels = "|".join(VERDICTS)
+    assert all(re.search(rf"\*\*({labels})( \(1 seed\))?\*\*", r) for r in rows)
     assert "Regenerate with: `covshift trace " in md and "--detail-every 4" in md
 
 
@@ -136,9 +76,12 @@ def test_report_numbers_come_from_the_trace(traced):
     out, _ = traced
     trace = covshift.load(out / "trace.covshift")
     md = (out / "report.md").read_text()
+    a = covshift.analyze(trace)
     for run in ("bn", "nobn"):
-        loss = trace.scalars(run=run, metric="loss")["value"].iloc[-1]
-        assert f"final training loss {loss:.4g}" in md
+        first = trace.scalars(run=run, metric="loss")["value"].iloc[0]
+        outcome = a.outcomes.set_index("run").loc[run]
+        assert f"| `{run}` | **{outcome['outcome']}** |" in md
+        assert f"{first:.3g} → {outcome['final_loss']:.3g}" in md
 
 
 def test_report_command_and_format(traced, tmp_path):
@@ -166,25 +109,9 @@ def test_report_of_an_own_loop_trace_escapes_layer_names(tmp_path):
     assert "<code>&lt;script&gt;alert(1)&lt;/script&gt;</code>" in page
 
 
-def test_claims_compare_the_named_pair():
-    renamed = {"bn": "bn lr=0.1 init=1 seed=0", "nobn": "nobn lr=0.1 init=1 seed=0"}
-    frames = {}
-    for key in ("convergence", "stability", "generalization", "shift_summary"):
-        frame = getattr(analysis(), key)
-        frames[key] = frame.assign(run=frame["run"].map(renamed))
-    a = analysis(**frames)
-    a.runs = list(renamed.values())
-    assert set(verdicts(a).values()) == {"not measured in this trace"}  # no runs named bn and nobn
-    named = {c.claim: c for c in claims(a, pair=tuple(renamed.values()))}
-    assert named["faster convergence"].verdict == "supported"
-    assert "bn 50, nobn 100" in named["faster convergence"].evidence
-    assert named["reduced internal covariate shift"].verdict == "supported"
-    assert named["higher usable learning rate"].verdict == "not measured in this trace"
-
-
 def test_a_sweep_decides_the_learning_rate_and_initialization_claims(tmp_path):
     from covshift.store import TraceWriter
-    from covshift.analysis.sweep import analyze_sweep
+    from covshift.analysis.sweep import RunView, analyze_sweep, default_pair
     writer = TraceWriter(tmp_path / "s.covshift")
     for variant in ("bn", "nobn"):
         for lr in (0.1, 1.0):
@@ -197,10 +124,13 @@ def test_a_sweep_decides_the_learning_rate_and_initialization_claims(tmp_path):
                 writer.write(rid, [(t, "", "loss", v + (0.5 if scale == 0.5 and variant == "nobn" else 0.0))
                                    for t, v in enumerate(loss)], [], [])
     writer.close()
-    found = {c.claim: c for c in claims(analysis(), sweep=analyze_sweep(tmp_path / "s.covshift"))}
+    sweep = analyze_sweep(tmp_path / "s.covshift")
+    pair = RunView(covshift.load(tmp_path / "s.covshift"), default_pair(covshift.load(tmp_path / "s.covshift"), sweep))
+    found = {c.claim: c for c in claims(analyze(pair), sweep=sweep)}
     lr, init = found["higher usable learning rate"], found["lower sensitivity to initialization"]
     assert (lr.verdict, lr.figure) == ("supported", "lr_sensitivity.png")
     assert "bn 1, nobn 0.1 (ratio 10, 1 grid step)" in lr.evidence
     assert (init.verdict, init.figure) == ("supported", "init_sensitivity.png")
     assert "bn 0, nobn 0.5" in init.evidence
-    assert found["faster convergence"].verdict == "supported"  # still from the pair
+    # the other claims come from the sweep's default pair, whose two loss curves are the same
+    assert found["faster convergence"].verdict == "not supported"

@@ -9,6 +9,7 @@ records finite losses until the step it diverges at, then an infinite one.
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -118,10 +119,10 @@ def test_sweep_runs_columns_and_closed_forms(tmp_path):
     assert ok["final_loss"] == pytest.approx(0.2)  # the floor, held over the last 10 steps
     assert ok["best_val_accuracy"] == pytest.approx(0.9)  # the larger of the two logged values
     assert ok["mean_saturation"] == pytest.approx(0.2) and ok["median_grad_ratio"] == pytest.approx(1.5)
-    # every non-diverged run starts at 2, so the threshold is 1; smoothing (window 3) is exact on a
-    # line, so the first step at or below 1 is ceil(1 / slope): 34 for slope 0.03, 67 for 0.015
-    assert ok["steps_to_threshold"] == math.ceil(1 / 0.03) == 34
-    assert runs.loc[name("nobn", 0.03, 1.0, 0), "steps_to_threshold"] == math.ceil(1 / 0.015) == 67
+    # every non-diverged run starts at 2, so the threshold is 1; the trailing mean over 2 steps lags
+    # a line by half a step, so the first step at or below 1 is ceil(1 / slope + 0.5)
+    assert ok["steps_to_threshold"] == math.ceil(1 / 0.03 + 0.5) == 34
+    assert runs.loc[name("nobn", 0.03, 1.0, 0), "steps_to_threshold"] == math.ceil(1 / 0.015 + 0.5) == 68
     flat = runs.loc[name("bn", 0.3, 1.0, 0)]  # floor 1.5: below M = 2 (trains), never at the threshold 1
     assert flat["trains"] and flat["final_loss"] == pytest.approx(1.5) and math.isnan(flat["steps_to_threshold"])
     bad = runs.loc[name("nobn", 3.0, 1.0, 0)]
@@ -141,9 +142,9 @@ def test_threshold_is_half_the_median_initial_loss_of_runs_that_did_not_diverge(
         runs = sweep_runs(trace).set_index("run")
         sa = analyze_sweep(trace)
     assert sa.initial_loss == 4.0 and sa.threshold == 2.0  # median of 2, 4, 4
-    # bn starts at the threshold: step 0's smoothed loss is mean(2.0, 1.95) <= 2
+    # bn starts at the threshold: step 0's smoothed loss is its first loss, 2
     assert runs.loc[name("bn", 0.1, 1.0, 0), "steps_to_threshold"] == 0
-    assert runs.loc[name("nobn", 0.1, 1.0, 0), "steps_to_threshold"] == math.ceil(2 / 0.03) == 67
+    assert runs.loc[name("nobn", 0.1, 1.0, 0), "steps_to_threshold"] == math.ceil(2 / 0.03 + 0.5) == 68
     assert runs.loc[name("bn", 0.2, 1.0, 0), "diverged"]
 
 
@@ -365,11 +366,11 @@ def test_report_of_a_sweep_has_the_sections_and_the_claims(sweep_report):
 def test_report_of_a_sweep_describes_the_default_pair(sweep_report):
     _, md = sweep_report
     assert "`bn` (run `bn lr=0.03 init=1 seed=0`) and `nobn` (run `nobn lr=0.03 init=1 seed=0`)" in md
-    assert "- `bn`: 100 steps, final training loss 0.123" in md
-    assert "- `nobn`: 100 steps, final training loss 0.456" in md
+    for run, final in (("bn", 0.123), ("nobn", 0.456)):
+        assert re.search(rf"\| `{run}` \| \*\*[a-z ]+\*\* \| 100 \| [0-9.]+% \| [0-9.]+ → {final:.3g} \|", md), run
     rows = {line.split(" | ")[0][2:]: line for line in md.splitlines() if line.startswith("| ") and "**" in line}
     assert "final validation accuracy: bn 77.0%, nobn 66.0%" in rows["better generalization"]
-    assert "**supported**" in rows["better generalization"]
+    assert "**supported (1 seed)**" in rows["better generalization"]
 
 
 def test_a_sweep_trace_with_its_own_pair_reports_that_pair(tmp_path):
@@ -405,7 +406,7 @@ def test_plain_report_has_no_sweep_sections(tmp_path):
     written = report(path, tmp_path / "out", formats=("md",))
     md = written["report.md"].read_text()
     assert "## Effect on learning rate" not in md and "lr_sensitivity.png" not in written
-    assert "| higher usable learning rate | **not measured in this trace** | one pair of runs cannot show it" in md
+    assert "| higher usable learning rate | **not measured** | needs a sweep over --lr" in md
 
 
 def test_report_draws_the_pairs_its_findings_link(tmp_path):

@@ -6,7 +6,8 @@ run from what the trace holds; a quantity the trace cannot give is NaN (or ``Non
 produces no finding. Steps are the recorded step numbers.
 
 Each section has its module, which defines its quantities and writes its findings:
-:mod:`.convergence`, :mod:`.stability`, :mod:`.generalization`, :mod:`.saturation`,
+:mod:`.outcomes` (did each run train? read first), :mod:`.pairing` (which bn layer plays
+the role of which nobn layer), :mod:`.convergence`, :mod:`.stability`, :mod:`.generalization`, :mod:`.saturation`,
 :mod:`.gradient_flow`, :mod:`.covariate_shift` and :mod:`.divergence`. :mod:`.common` defines
 the loss they read and the pair of runs their findings compare. :mod:`.claims` checks the classic
 BatchNorm claims against an analysis; :mod:`.sweep` analyses a sweep.
@@ -17,16 +18,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from ..store import Trace, load
-from . import common, convergence, covariate_shift, divergence, generalization, gradient_flow, saturation, stability
+from . import (common, convergence, covariate_shift, divergence, generalization, gradient_flow, instruments, outcomes,
+               pairing, saturation, stability)
 from .common import Finding
 
 __all__ = ["SECTIONS", "Analysis", "Finding", "analyze"]
 
 
-SECTIONS = ("convergence", "stability", "generalization", "saturation", "gradient_flow",
+SECTIONS = ("outcomes", "convergence", "stability", "generalization", "saturation", "gradient_flow",
             "covariate_shift", "divergence")
 
 
@@ -34,6 +37,9 @@ SECTIONS = ("convergence", "stability", "generalization", "saturation", "gradien
 class Analysis:
     """All tables of an analysis and its findings (see the module docstring)."""
     runs: list[str]
+    seeds: pd.DataFrame      #: the BN pairs: seed, bn, nobn (:func:`.common.seed_pairs`)
+    outcomes: pd.DataFrame   #: per run: trained, did not train or diverged (:mod:`.outcomes`)
+    pairs: pd.DataFrame      #: role-matched layers of the first pair: role, kind, index, bn, nobn
     convergence: pd.DataFrame
     stability: pd.DataFrame
     generalization: pd.DataFrame
@@ -43,6 +49,9 @@ class Analysis:
     covariate_shift: pd.DataFrame
     shift_summary: pd.DataFrame
     divergence: pd.DataFrame
+    instruments: pd.DataFrame  #: the gradient-based ICS and landscape measurements (:mod:`.instruments`)
+    losses: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  #: finite loss per run
+    configs: dict[str, dict] = field(default_factory=dict)  #: each run's config
     findings: list[Finding] = field(default_factory=list)
 
     def findings_for(self, section: str) -> list[Finding]:
@@ -61,13 +70,15 @@ def analyze(trace: Trace | str | os.PathLike[str]) -> Analysis:
 def _analyze(trace: Trace) -> Analysis:
     runs = trace.runs
     info = trace.layer_info()
-    run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy"])
+    run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy", "train_eval_loss"])
     layer_frame = trace.scalars(metric=["saturation", "gain", "grad_norm", "std", "nonfinite",
                                         "weight.update_ratio"])
     layer_frame = layer_frame[layer_frame["layer"] != ""]
     raw = {run: common.series(run_frame, run, "loss") for run in runs}
     losses = {run: common.finite_part(*raw[run]) for run in runs}
-    pair = common.pair(trace, runs)
+    seeds = common.seed_pairs(trace)
+    pair = common.pair(trace)
+    pairs = pairing.pairs(info, *pair) if pair else pd.DataFrame(columns=pairing.COLUMNS)
 
     conv = convergence.table(runs, losses)
     stab = stability.table(runs, losses, run_frame)
@@ -78,9 +89,11 @@ def _analyze(trace: Trace) -> Analysis:
     shift = covariate_shift.table(trace.units(), trace.histograms(), layer_frame, info)
     shift_summary = covariate_shift.summary(runs, shift, info)
     div = divergence.table(trace, runs, raw, layer_frame, info)
+    result = outcomes.table(trace, runs, losses, run_frame, div, seeds)
 
-    findings = (convergence.findings(conv, pair) + stability.findings(stab)
+    findings = (outcomes.findings(result, seeds) + convergence.findings(conv, pair) + stability.findings(stab)
                 + generalization.findings(gen) + saturation.findings(sat, runs, pair)
                 + gradient_flow.findings(gradient_summary, pair) + covariate_shift.findings(shift_summary, runs, pair)
                 + divergence.findings(div))
-    return Analysis(runs, conv, stab, gen, sat, flow, gradient_summary, shift, shift_summary, div, findings)
+    return Analysis(runs, seeds, result, pairs, conv, stab, gen, sat, flow, gradient_summary, shift, shift_summary,
+                    div, instruments.measurements(trace), losses, {run: trace.config(run) for run in runs}, findings)

@@ -1,176 +1,315 @@
-"""The classic BatchNorm claims, checked against an analysis: each :class:`Claim` is marked
-supported, not supported, or not measured in this trace, with the numbers and the figure that
-decide it. BN must beat no-BN by a relative margin, :data:`MARGIN`.
+"""The classic BatchNorm claims, checked against a trace's own measurements.
 
-One pair of runs decides faster convergence, smoother training, reduced (distributional)
-covariate shift and better generalization; a sweep decides the learning-rate and initialization
-claims (:mod:`covshift.analysis.sweep_findings`).
+Each claim gets exactly one verdict (:data:`VERDICTS`). Every claim compares the bn and
+nobn runs of each seed (:func:`covshift.analysis.common.seed_pairs`) through one number per
+seed, the *effect*:
 
-The gradient-based internal covariate shift and loss-landscape measurements (Santurkar et al.
-2018) decide their rows when a trace has them (:func:`claim_rows`). The measurements themselves
-are taken while training by :mod:`covshift.ics` (``covshift trace --ics-every N``) and stored as
-layer metrics ``ics_l2``, ``ics_rel``, ``ics_cos`` and run metrics ``loss_variation``,
-``grad_predictiveness``, ``beta_smoothness``. :func:`claim_rows` returns nothing when a trace has
-none; :mod:`covshift.report.instrument_figures` draws them.
+- a **ratio** bn / nobn of a scale-free measure where lower is better (steps to a loss
+  level, roughness, shift, ICS, landscape smoothness). The mean of ln(ratio) over seeds and
+  its 95% t-interval (:func:`covshift.analysis.intervals.mean_interval`) are turned back
+  into ratios. ``supported`` when the whole interval is at or below ``1 - MARGIN``;
+  ``not supported`` when it lies above ``1 - MARGIN`` (no improvement of that size);
+  ``inconclusive`` otherwise.
+- a **difference** bn − nobn of validation accuracy (higher is better), each seed's with its
+  binomial standard error. The interval is the t-interval over seeds, at least as wide as
+  the mean's sampling error (``Z * sqrt(mean(se²) / n)``; with one seed ``± Z se``).
+  ``supported`` when its low end is above 0, ``not supported`` when its high end is at or
+  below 0, else ``inconclusive``.
+
+With one seed the point estimate decides and the verdict is labelled ``(1 seed)``.
+
+**Run outcomes come first.** Dynamics claims (every claim here but the sweep's) use only
+the seeds whose two runs both trained (:mod:`covshift.analysis.outcomes`). Where no seed
+has two trained runs the claim is ``not comparable``, with the reason; "faster
+convergence" is then ``supported`` in exactly the form "nobn did not train ...: BatchNorm
+made training possible" when bn trained in every such seed and nobn did not.
+
+The learning-rate and initialization claims come from a sweep
+(:mod:`covshift.analysis.sweep`), and are ``not measured`` without one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from ..store import Trace
-from . import Analysis, common, sweep_findings, sweep_tables
-from .sweep_tables import SweepAnalysis
+from . import convergence, stability
+from .common import num
+from .intervals import Z, accuracy_se, mean_interval
+from .sweep_findings import init_verdict, lr_verdict
+from .sweep_tables import FILES as SWEEP_FILES
 
+if TYPE_CHECKING:
+    from . import Analysis
+    from .sweep_tables import SweepAnalysis
 
-#: A claim is supported only when BN beats no-BN by this relative margin.
-MARGIN = 0.10
+VERDICTS = ("supported", "not supported", "inconclusive", "not comparable", "not measured")
+MARGIN = 0.10  #: a ratio claim needs bn ≤ (1 − MARGIN) × nobn over the whole interval
+CLAIMS = ("faster convergence", "smoother, stabler training", "higher usable learning rate",
+          "lower sensitivity to initialization", "reduced internal covariate shift (distributional)",
+          "reduced internal covariate shift (gradient-based)", "smoother loss landscape",
+          "better generalization")
 
 
 @dataclass
 class Claim:
+    """One claim's verdict, the numbers behind it and the figure that shows them."""
     claim: str
-    verdict: str  # "supported", "not supported", "not measured in this trace"
+    verdict: str
     evidence: str
+    figure: str = ""
+    seeds: int = 0                                  #: seed pairs the verdict rests on
+    per_seed: list[float] = field(default_factory=list)  #: the effect of each of those seeds
+    low: float = math.nan                           #: the effect's 95% interval and mean
+    mean: float = math.nan
+    high: float = math.nan
+
+    @property
+    def label(self) -> str:
+        """The verdict as printed: "supported (1 seed)" when one seed decided it."""
+        one = self.seeds == 1 and self.verdict in ("supported", "not supported")
+        return f"{self.verdict} (1 seed)" if one else self.verdict
+
+
+@dataclass
+class Measure:
+    """One seed pair's values of a claim's measure."""
+    bn: float
+    nobn: float
+    note: str = ""                 #: what else the evidence says about this seed
+    se: float = math.nan           #: standard error of bn − nobn (differences only)
+    higher_is_better: bool = False  #: True: compared as bn − nobn; False: as the ratio bn / nobn
+
+
+@dataclass
+class _Effect:
+    claim: str
+    what: str  # for the evidence, e.g. "steps to the deepest loss level both runs reach"
     figure: str
+    measure: Callable[[Analysis, str, str], Measure]
 
 
-CLAIMS = ("faster convergence", "smoother, stabler training", "higher usable learning rate",
-          "lower sensitivity to initialization", "reduced internal covariate shift", "smoother loss landscape",
-          "better generalization")
-NOT_MEASURED = "not measured in this trace"
-#: The claims a sweep decides: claim -> (the sweep option it needs, its figure, its verdict and evidence).
-SWEEP_CLAIMS = {
-    "higher usable learning rate": ("--lr", sweep_tables.FILES["lr"], sweep_findings.lr_verdict),
-    "lower sensitivity to initialization": ("--init-scale", sweep_tables.FILES["init"],
-                                            lambda s: sweep_findings.init_verdict(s, MARGIN)),
-}
+def _ratio_verdict(per_seed: Sequence[float]) -> tuple[str, float, float, float]:
+    low, mean, high = (math.exp(v) for v in mean_interval(np.log(per_seed)))
+    if high <= 1 - MARGIN:
+        return "supported", low, mean, high
+    if low > 1 - MARGIN:
+        return "not supported", low, mean, high
+    return "inconclusive", low, mean, high
 
 
-def claims(a: Analysis, pair: tuple[str, str] = ("bn", "nobn"), sweep: SweepAnalysis | None = None,
-           measured: dict[str, tuple[str, str, str]] | None = None) -> list[Claim]:
-    """The classic BatchNorm claims: the learning-rate and initialization claims from ``sweep``,
-    the others from the runs ``pair`` = (bn run, nobn run) of ``a``; ``measured`` (claim ->
-    verdict, evidence, figure) overrides rows with the gradient-based measurements."""
-    has_pair = set(pair) <= set(a.runs)
-    why = "needs a bn and a nobn run (covshift trace records both)"
-    found = {c.claim: c for c in _pair_claims(a, *pair)} if has_pair else {}
-    if has_pair:
-        found["smoother loss landscape"] = Claim("smoother loss landscape", NOT_MEASURED,
-                                                 "measured only with covshift trace --ics-every N", "")
-    for claim, (option, figure, decide) in SWEEP_CLAIMS.items():
-        if sweep is not None:
-            found[claim] = Claim(claim, *decide(sweep), figure)
+def _difference_verdict(per_seed: Sequence[float], ses: Sequence[float]) -> tuple[str, float, float, float]:
+    low, mean, high = mean_interval(per_seed)
+    known = np.asarray(ses, dtype=float)
+    known = known[np.isfinite(known)]
+    floor = Z * math.sqrt(float(np.mean(np.square(known))) / len(ses)) if known.size else 0.0
+    half = max((high - low) / 2, floor)
+    low, high = mean - half, mean + half
+    verdict = "supported" if low > 0 else "not supported" if high <= 0 else "inconclusive"
+    return verdict, low, mean, high
+
+
+def _outcome(a: Analysis, run: str) -> str:
+    rows = a.outcomes.loc[a.outcomes["run"] == run, "outcome"]
+    return str(rows.iloc[0]) if len(rows) else "did not train"
+
+
+def _untrained(a: Analysis, pairs: pd.DataFrame) -> str:
+    """Which runs of ``pairs`` did not train, e.g. "nobn did not train in 3 of 3 seeds"."""
+    parts = []
+    for variant in ("bn", "nobn"):
+        bad = [_outcome(a, run) for run in pairs[variant] if _outcome(a, run) != "trained"]
+        if bad:
+            diverged = bad.count("diverged")
+            text = f"{variant} did not train in {len(bad)} of {len(pairs)} seed{'s' * (len(pairs) > 1)}"
+            parts.append(text + (f" ({diverged} diverged)" if diverged else ""))
+    return " and ".join(parts)
+
+
+def _split(a: Analysis) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The seed pairs whose two runs both trained, and the others."""
+    both = [_outcome(a, b) == "trained" and _outcome(a, n) == "trained" for b, n in zip(a.seeds["bn"], a.seeds["nobn"])]
+    mask = np.asarray(both, dtype=bool)
+    return a.seeds[mask], a.seeds[~mask]
+
+
+def _made_possible(a: Analysis, others: pd.DataFrame) -> bool:
+    """Whether in every seed bn trained and nobn did not."""
+    return len(others) > 0 and all(_outcome(a, b) == "trained" and _outcome(a, n) != "trained"
+                                   for b, n in zip(others["bn"], others["nobn"]))
+
+
+def _steps(a: Analysis, bn: str, nobn: str) -> Measure:
+    level, b, n = convergence.pair_steps(a.convergence, bn, nobn)
+    note = f"{num(level)} × initial loss" if math.isfinite(level) else ""
+    return Measure(max(b, 1.0), max(n, 1.0), note)
+
+
+def _roughness(a: Analysis, bn: str, nobn: str) -> Measure:
+    b, n, used = stability.pair_roughness(a.losses[bn], a.losses[nobn])
+    return Measure(b, n, f"{used} steps")
+
+
+def _roles(a: Analysis, kind: str, first: int = 1) -> pd.DataFrame:
+    return a.pairs[(a.pairs["kind"] == kind) & (a.pairs["index"] >= first)]
+
+
+def _shift(a: Analysis, bn: str, nobn: str) -> Measure:
+    """Mean ``w2`` between consecutive detail steps over the matched nonlinearity inputs."""
+    layers = a.shift_summary[a.shift_summary["layer"] != ""].set_index(["run", "layer"])["mean_w2_prev"]
+    values = [(layers.get((bn, lb), math.nan), layers.get((nobn, ln), math.nan))
+              for lb, ln in zip(_roles(a, "input")["bn"], _roles(a, "input")["nobn"])]
+    values = [(b, n) for b, n in values if math.isfinite(b) and math.isfinite(n)]
+    if not values:
+        return Measure(math.nan, math.nan)
+    b, n = np.mean(values, axis=0)
+    return Measure(float(b), float(n), f"{len(values)} nonlinearity inputs")
+
+
+def _ics(a: Analysis, bn: str, nobn: str) -> Measure:
+    """Median ``ics_rel`` over the matched Linear/Conv layers but the first (0 by definition)."""
+    roles = _roles(a, "weighted", first=2)
+    rows = a.instruments[a.instruments["metric"] == "ics_rel"]
+    b = rows.loc[(rows["run"] == bn) & rows["layer"].isin(roles["bn"]), "value"]
+    n = rows.loc[(rows["run"] == nobn) & rows["layer"].isin(roles["nobn"]), "value"]
+    if b.empty or n.empty:
+        return Measure(math.nan, math.nan)
+    return Measure(float(b.median()), float(n.median()), f"{len(roles)} layers, first excluded")
+
+
+def _median(a: Analysis, run: str, metric: str) -> float:
+    rows = a.instruments[(a.instruments["run"] == run) & (a.instruments["metric"] == metric)]
+    return float(rows["value"].median()) if len(rows) else math.nan
+
+
+def _landscape(a: Analysis, bn: str, nobn: str) -> Measure:
+    gp = [_median(a, run, "grad_predictiveness") for run in (bn, nobn)]
+    note = f"median max ‖∇L(θ) − ∇L(θ − ηg)‖: bn {num(gp[0])}, nobn {num(gp[1])}" if all(map(math.isfinite, gp)) else ""
+    return Measure(_median(a, bn, "beta_smoothness"), _median(a, nobn, "beta_smoothness"), note)
+
+
+def _generalization(a: Analysis, bn: str, nobn: str) -> Measure:
+    """Final validation accuracy (its binomial standard error from the validation set's size),
+    else the final validation loss; the note gives both runs' final eval-mode training loss."""
+    g = a.generalization.set_index("run")
+    b, n = g.loc[bn], g.loc[nobn]
+    note = f"training loss at that point: bn {num(b['train_loss'])}, nobn {num(n['train_loss'])}"
+    if math.isfinite(b["val_accuracy"]) and math.isfinite(n["val_accuracy"]):
+        se = math.hypot(accuracy_se(b["val_accuracy"], a.configs[bn].get("val_examples") or math.nan),
+                        accuracy_se(n["val_accuracy"], a.configs[nobn].get("val_examples") or math.nan))
+        return Measure(float(b["val_accuracy"]), float(n["val_accuracy"]), note, se, higher_is_better=True)
+    return Measure(float(b["val_loss"]), float(n["val_loss"]), note + "; no accuracy: compared by validation loss")
+
+
+EFFECTS = [
+    _Effect("faster convergence", "steps to the deepest loss level both runs reach", "batchnorm_training_loss.png",
+            _steps),
+    _Effect("smoother, stabler training", "roughness of the training loss (std of Δ log loss over the loss levels "
+            "both runs pass through)", "batchnorm_training_loss.png", _roughness),
+    _Effect("reduced internal covariate shift (distributional)", "mean shift of the nonlinearity inputs between "
+            "detail steps", "covariate_shift.png", _shift),
+    _Effect("reduced internal covariate shift (gradient-based)", "median ‖G − G′‖ / ‖G‖ (Santurkar et al. 2018)",
+            "ics.png", _ics),
+    _Effect("smoother loss landscape", "median effective β-smoothness along the gradient", "landscape.png",
+            _landscape),
+    _Effect("better generalization", "final validation accuracy", "batchnorm_training_loss.png",
+            _generalization),
+]
+
+
+def _fmt(value: float, higher_is_better: bool) -> str:
+    return f"{value:.1%}" if higher_is_better else num(value)
+
+
+def _evidence(effect: _Effect, rows: list[tuple[int, Measure]], claim: Claim) -> str:
+    first = rows[0][1]
+    better = first.higher_is_better
+    if len(rows) == 1:
+        m = rows[0][1]
+        text = f"{effect.what}: bn {_fmt(m.bn, better)}, nobn {_fmt(m.nobn, better)}"
+        if better and math.isfinite(m.se):
+            text += f" (difference {100 * (m.bn - m.nobn):+.1f} points ± {100 * Z * m.se:.1f} at 95%)"
+        return text + (f"; {m.note}" if m.note else "")
+    what = "bn − nobn" if better else "bn / nobn"
+    value = (lambda v: f"{100 * v:+.1f} points") if better else num
+    seeds = "; ".join(f"seed {seed}: bn {_fmt(m.bn, better)}, nobn {_fmt(m.nobn, better)}"
+                      + (f" ({m.note})" if m.note else "") for seed, m in rows)
+    return (f"{effect.what}, {what} over {len(rows)} seeds: {value(claim.mean)} (95% interval "
+            f"{value(claim.low)} to {value(claim.high)}); {seeds}")
+
+
+def _decide(a: Analysis, effect: _Effect) -> Claim:
+    claim = Claim(effect.claim, "not measured", "", effect.figure)
+    if a.seeds.empty:
+        claim.evidence = "needs a bn and a nobn run (covshift trace records both)"
+        return claim
+    both, others = _split(a)
+    if both.empty:
+        reason = _untrained(a, others)
+        if effect.claim == "faster convergence" and _made_possible(a, others):
+            claim.verdict, claim.seeds = "supported", len(others)
+            claim.evidence = f"{reason} while bn did: BatchNorm made training possible"
         else:
-            found[claim] = Claim(claim, NOT_MEASURED, f"one pair of runs cannot show it: it needs a sweep over "
-                                 f"{option}" if has_pair else why, "")
-    if has_pair:
-        found.update({c: Claim(c, *row) for c, row in (measured or {}).items()})
-    return [found.get(c, Claim(c, NOT_MEASURED, why, "")) for c in CLAIMS]
-
-
-def _pair_claims(a: Analysis, b_run: str, n_run: str) -> list[Claim]:
-    """The claims one pair of runs decides."""
-    out = []
-    bn, nobn = common.row(a.convergence, b_run), common.row(a.convergence, n_run)
-    b, n = bn["steps_to_target"], nobn["steps_to_target"]
-    target = bn["target_loss"]
-    if common.all_finite(b, n):
-        verdict = "supported" if b <= (1 - MARGIN) * n else "not supported"
-        evidence = f"steps to reach training loss {target:.4g}: bn {int(b)}, nobn {int(n)}"
-    elif common.all_finite(b):
-        verdict, evidence = "supported", f"bn reaches training loss {target:.4g} at step {int(b)}; nobn never does"
-    elif common.all_finite(n):
-        verdict, evidence = "not supported", f"nobn reaches training loss {target:.4g} at step {int(n)}; bn never does"
+            claim.verdict = "not comparable"
+            claim.evidence = f"{reason}: the runs' dynamics cannot be compared"
+        return claim
+    rows = [(seed, effect.measure(a, bn, nobn)) for seed, bn, nobn in zip(both["seed"], both["bn"], both["nobn"])]
+    rows = [(seed, m) for seed, m in rows if math.isfinite(m.bn) and math.isfinite(m.nobn)
+            and (m.higher_is_better or (m.bn > 0 and m.nobn > 0))]
+    if not rows:
+        claim.evidence = f"{effect.what}: not in this trace"
+        return claim
+    measures = [m for _, m in rows]
+    if measures[0].higher_is_better:
+        claim.per_seed = [m.bn - m.nobn for m in measures]
+        verdict = _difference_verdict(claim.per_seed, [m.se for m in measures])
     else:
-        verdict, evidence = "not measured in this trace", "neither run reaches a common loss level"
-    out.append(Claim("faster convergence", verdict, evidence, "batchnorm_training_loss.png"))
-
-    bs, ns = common.row(a.stability, b_run), common.row(a.stability, n_run)
-    bo, no = bs["oscillation_index"], ns["oscillation_index"]
-    if common.all_finite(bo, no):
-        calmer = bo <= (1 - MARGIN) * no
-        evidence = f"oscillation index of the training loss: bn {bo:.3g}, nobn {no:.3g}"
-        if common.all_finite(bs["val_spikes"], ns["val_spikes"]):
-            calmer = calmer and bs["val_spikes"] <= ns["val_spikes"]
-            evidence += f"; validation-loss spikes: bn {int(bs['val_spikes'])}, nobn {int(ns['val_spikes'])}"
-        out.append(Claim("smoother, stabler training", "supported" if calmer else "not supported", evidence,
-                         "batchnorm_training_loss.png"))
-    else:
-        out.append(Claim("smoother, stabler training", "not measured in this trace",
-                         "a run has too few finite losses", "batchnorm_training_loss.png"))
-
-    layers = a.shift_summary[a.shift_summary["layer"] != ""]  # "" rows are the per-run means
-    shared = layers[layers["layer"].isin(set(layers.loc[layers["run"] == b_run, "layer"])
-                                         & set(layers.loc[layers["run"] == n_run, "layer"]))]
-    means = shared.groupby("run")["mean_w2_prev"].mean() if not shared.empty else pd.Series(dtype=float)
-    means = means.rename({b_run: "bn", n_run: "nobn"})
-    if common.all_finite(means.get("bn"), means.get("nobn")):
-        less = means["bn"] <= (1 - MARGIN) * means["nobn"]
-        out.append(Claim("reduced internal covariate shift", "supported" if less else "not supported",
-                         f"mean drift between detail steps (W2 / std) over the {shared['layer'].nunique()} layers "
-                         f"both runs share: bn {means['bn']:.3g}, nobn {means['nobn']:.3g} (distributional "
-                         "shift, as Ioffe & Szegedy 2015 describe it)", "covariate_shift.png"))
-    else:
-        out.append(Claim("reduced internal covariate shift", "not measured in this trace",
-                         "no per-unit statistics at two or more detail steps in both runs", "covariate_shift.png"))
-
-    bg, ng = common.row(a.generalization, b_run), common.row(a.generalization, n_run)
-    if common.all_finite(bg["val_accuracy"], ng["val_accuracy"]):
-        better = bg["val_accuracy"] >= ng["val_accuracy"] + 0.01
-        evidence = f"final validation accuracy: bn {bg['val_accuracy']:.1%}, nobn {ng['val_accuracy']:.1%}"
-    elif common.all_finite(bg["val_loss"], ng["val_loss"]):
-        better = bg["val_loss"] <= (1 - MARGIN) * ng["val_loss"]
-        evidence = f"final validation loss: bn {bg['val_loss']:.4g}, nobn {ng['val_loss']:.4g}"
-    else:
-        better, evidence = None, "no validation metrics in the trace"
-    verdict = "not measured in this trace" if better is None else ("supported" if better else "not supported")
-    out.append(Claim("better generalization", verdict, evidence, "batchnorm_training_loss.png"))
-    return out
+        claim.per_seed = [m.bn / m.nobn for m in measures]
+        verdict = _ratio_verdict(claim.per_seed)
+    claim.verdict, claim.low, claim.mean, claim.high = verdict
+    claim.seeds = len(rows)
+    claim.evidence = _evidence(effect, rows, claim)
+    if not others.empty:
+        claim.evidence += f"; left out: {_untrained(a, others)}"
+    return claim
 
 
-#: The run metrics of the loss-landscape measurements (Santurkar et al. 2018).
-ICS_RUN_METRICS = ("loss_variation", "grad_predictiveness", "beta_smoothness")
-#: The figures of the gradient-based measurements, drawn by :mod:`covshift.report.instrument_figures`.
-ICS_FILES = {"ics": "ics.png", "landscape": "landscape.png"}
-ICS_LABELS = {"ics_l2": "‖G − G′‖₂", "ics_cos": "cos(G, G′)", "loss_variation": "loss variation (max − min)",
-              "grad_predictiveness": "max ‖∇L(θ) − ∇L(θ − ηg)‖₂", "beta_smoothness": "effective β-smoothness"}
+def _sweep_claim(name: str, option: str, figure: str, decided: tuple[str, str] | None) -> Claim:
+    if decided is None:
+        return Claim(name, "not measured", f"needs a sweep over {option} (covshift sweep)")
+    verdict, evidence = decided
+    return Claim(name, "not measured" if verdict.startswith("not measured") else verdict, evidence, figure)
 
 
-def measurements(trace: Trace, metrics: tuple[str, ...]) -> pd.DataFrame:
-    frame = trace.scalars(metric=list(metrics))
-    return frame[np.isfinite(frame["value"].to_numpy(dtype=float))]
+def claims(a: Analysis, sweep: SweepAnalysis | None = None) -> list[Claim]:
+    """Every claim of :data:`CLAIMS`, in that order: the learning-rate and initialization
+    claims from ``sweep``, the others from the seed pairs of ``a``."""
+    found = {effect.claim: _decide(a, effect) for effect in EFFECTS}
+    found["higher usable learning rate"] = _sweep_claim(
+        "higher usable learning rate", "--lr", SWEEP_FILES["lr"], lr_verdict(sweep) if sweep else None)
+    found["lower sensitivity to initialization"] = _sweep_claim(
+        "lower sensitivity to initialization", "--init-scale", SWEEP_FILES["init"],
+        init_verdict(sweep, MARGIN) if sweep else None)
+    return [found[name] for name in CLAIMS]
 
 
-def _median(frame: pd.DataFrame, run: str, metric: str, layers: set[str] | None = None) -> float:
-    rows = frame[(frame["run"] == run) & (frame["metric"] == metric)]
-    if layers is not None:
-        rows = rows[rows["layer"].isin(layers)]
-    return float(rows["value"].median()) if not rows.empty else float("nan")
-
-
-def claim_rows(trace: Trace, bn: str, nobn: str, margin: float) -> dict[str, tuple[str, str, str]]:
-    """Claim -> (verdict, evidence, figure) for "reduced internal covariate shift" (when ICS
-    was measured in both runs) and "smoother loss landscape" (when the landscape was)."""
-    out: dict[str, tuple[str, str, str]] = {}
-    layers = measurements(trace, ("ics_rel",))
-    shared = set(layers.loc[layers["run"] == bn, "layer"]) & set(layers.loc[layers["run"] == nobn, "layer"])
-    if shared:
-        b, n = _median(layers, bn, "ics_rel", shared), _median(layers, nobn, "ics_rel", shared)
-        less = b <= (1 - margin) * n
-        evidence = (f"median ‖G − G′‖ / ‖G‖ over the {len(shared)} layers both runs share and the measured steps: "
-                    f"bn {b:.3g}, nobn {n:.3g} (gradient-based ICS, Santurkar et al. 2018)")
-        if not less:
-            evidence += "; BatchNorm did not reduce it here, as Santurkar et al. also found"
-        out["reduced internal covariate shift"] = ("supported" if less else "not supported", evidence, ICS_FILES["ics"])
-    runs = measurements(trace, ICS_RUN_METRICS)
-    if {bn, nobn} <= set(runs["run"]):
-        pairs = {m: (_median(runs, bn, m), _median(runs, nobn, m)) for m in ("beta_smoothness", "grad_predictiveness")}
-        smoother = all(b <= (1 - margin) * n for b, n in pairs.values())
-        evidence = "; ".join(f"median {ICS_LABELS[m]}: bn {b:.3g}, nobn {n:.3g}" for m, (b, n) in pairs.items())
-        out["smoother loss landscape"] = ("supported" if smoother else "not supported", evidence,
-                                          ICS_FILES["landscape"])
-    return out
+def disagreement(found: list[Claim]) -> str | None:
+    """A paragraph for the report when the two covariate-shift rows reach opposite verdicts."""
+    rows = {c.claim: c for c in found}
+    dist = rows["reduced internal covariate shift (distributional)"]
+    grad = rows["reduced internal covariate shift (gradient-based)"]
+    decided = ("supported", "not supported")
+    if dist.verdict not in decided or grad.verdict not in decided or dist.verdict == grad.verdict:
+        return None
+    return (f"The two covariate-shift measures disagree: the distributional one is {dist.label}, the gradient-based "
+            f"one {grad.label}. They measure different things. The distributional shift (Ioffe & Szegedy 2015) is how "
+            "far the distribution of each nonlinearity's input moves between detail steps, in units of its spread; "
+            "BatchNorm fixes the mean and variance of that input by construction, so it tends to look reduced. The "
+            "gradient-based shift (Santurkar et al. 2018) is how much a layer's gradient changes when the layers "
+            "below it take their update; it asks whether those updates disturb what this layer is learning, and "
+            "Santurkar et al. found that BatchNorm does not reduce it.")

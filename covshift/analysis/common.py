@@ -87,17 +87,35 @@ def first_step(steps: np.ndarray, mask: np.ndarray) -> float:
     return float(steps[hit[0]]) if hit.size else math.nan
 
 
-def pair(trace: Trace, runs: list[str]) -> tuple[str, str] | None:
-    """(bn, nobn) by config variant, else by run name; else the two runs of a two-run trace."""
-    by_variant: dict[str, str] = {}
-    for run in runs:
-        variant = trace.config(run).get("variant")
-        if isinstance(variant, str):
-            by_variant.setdefault(variant, run)
-    for found in (by_variant, {run: run for run in runs}):
-        if "bn" in found and "nobn" in found:
-            return found["bn"], found["nobn"]
-    return (runs[0], runs[1]) if len(runs) == 2 else None
+def seed_pairs(trace: Trace) -> pd.DataFrame:
+    """The trace's BN pairs, one row per seed: ``seed, bn, nobn`` (run names).
+
+    Runs outside a sweep whose config ``variant`` is bn or nobn, grouped by config ``seed``
+    (runs without one form one group), first run of each variant per seed; seeds with both
+    variants, in seed order. Without such runs: the runs named bn and nobn, else the two
+    runs of a two-run trace (the first on the bn side).
+    """
+    found: dict[Any, dict[str, str]] = {}
+    for run in trace.runs:
+        config = trace.config(run)
+        variant = config.get("variant")
+        if variant in ("bn", "nobn") and not config.get("sweep"):
+            found.setdefault(config.get("seed"), {}).setdefault(variant, run)
+    rows = [(seed, g["bn"], g["nobn"]) for seed, g in found.items() if len(g) == 2]
+    if not rows:
+        runs = trace.runs
+        if {"bn", "nobn"} <= set(runs):
+            rows = [(None, "bn", "nobn")]
+        elif len(runs) == 2:
+            rows = [(None, runs[0], runs[1])]
+    rows.sort(key=lambda r: (r[0] is None, r[0] if isinstance(r[0], (int, float)) else 0))
+    return pd.DataFrame(rows, columns=["seed", "bn", "nobn"])
+
+
+def pair(trace: Trace) -> tuple[str, str] | None:
+    """The first (bn, nobn) pair of :func:`seed_pairs`, the one the per-run findings compare."""
+    pairs = seed_pairs(trace)
+    return None if pairs.empty else (str(pairs["bn"].iloc[0]), str(pairs["nobn"].iloc[0]))
 
 
 def row(frame: pd.DataFrame, run: str) -> pd.Series | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..analysis.claims import ICS_FILES, ICS_LABELS, ICS_RUN_METRICS, measurements
+from ..analysis.instruments import ICS_FILES, ICS_LABELS, ICS_RUN_METRICS, measurements
 from ..store import Trace
 from . import style
 

@@ -8,7 +8,7 @@ import re
 from pathlib import Path
 
 from ..analysis import Analysis, common, sweep_tables
-from ..analysis.claims import MARGIN, claim_rows, claims
+from ..analysis.claims import MARGIN, claims, disagreement
 from ..analysis.sweep_tables import FILES, SweepAnalysis, fmt_g
 from ..store import Trace
 
@@ -36,21 +36,34 @@ def _md_code(name: str) -> str:
     return f"{fence} {name} {fence}" if "`" in name else f"`{name}`"
 
 
-def _summary(a: Analysis, trace: Trace) -> list[str]:
-    lines = [f"Runs: {', '.join(_md_code(r) for r in a.runs)}."]
-    for run in a.runs:
-        config = trace.config(run)
-        conv = common.row(a.convergence, run)
-        gen = common.row(a.generalization, run)
-        parts = [f"{config.get('steps', '?')} steps"]
-        if conv is not None and common.all_finite(conv["final_loss"]):
-            parts.append(f"final training loss {conv['final_loss']:.4g}")
-        if gen is not None and common.all_finite(gen["val_accuracy"]):
-            parts.append(f"validation accuracy {gen['val_accuracy']:.1%}")
-        if config.get("diverged_at") is not None:
-            parts.append(f"diverged at step {config['diverged_at']}")
-        lines.append(f"- {_md_code(run)}: " + ", ".join(parts) + ".")
-    return lines
+def _cell(text: str) -> str:
+    return text.replace("|", "/")
+
+
+def _outcomes(a: Analysis, trace: Trace) -> list[str]:
+    """The run-outcome panel: one row per run, then its sentences."""
+    lines = ["| run | outcome | steps | loss removed | initial → final loss | final accuracy (chance) |",
+             "|---|---|---|---|---|---|"]
+    for _, r in a.outcomes.iterrows():
+        acc = f"{r['final_accuracy']:.1%}" if common.all_finite(r["final_accuracy"]) else "-"
+        if common.all_finite(r["chance"]):
+            acc += f" ({r['chance']:.1%})"
+        removed = f"{r['loss_removed']:.1%}" if common.all_finite(r["loss_removed"]) else "-"
+        lines.append(f"| {_cell(_md_code(r['run']))} | **{r['outcome']}** | {trace.config(r['run']).get('steps', '?')} "
+                     f"| {removed} | {common.num(r['initial_loss'])} → {common.num(r['final_loss'])} | {acc} |")
+    return lines + [""] + [f"- {f.text}" for f in a.findings_for("outcomes")]
+
+
+def _pairs(a: Analysis) -> list[str]:
+    """The role table every bn-vs-nobn number uses."""
+    if a.pairs.empty:
+        return []
+    lines = ["## How the layers are compared", "",
+             "Layers are matched by type and forward order, not by name (covshift.analysis.pairing).", "",
+             "| role | bn | nobn |", "|---|---|---|"]
+    lines += [f"| {_cell(r['role'])} | {_cell(_md_code(str(r['bn'])))} | {_cell(_md_code(str(r['nobn'])))} |"
+              for _, r in a.pairs.iterrows()]
+    return lines + [""]
 
 
 def summary_lines(sa: SweepAnalysis, names: dict[str, str]) -> list[str]:
@@ -93,7 +106,8 @@ def markdown(a: Analysis, trace: Trace, figures: dict[str, Path], command: str |
     out += ["## Summary", ""]
     if sweep is not None:
         out += [*summary_lines(sweep, names or {}), ""]
-    out += [*_summary(a, trace), ""]
+    out += ["## Run outcomes", "", *_outcomes(a, trace), ""]
+    out += _pairs(a)
     if sweep is not None:
         out += markdown_sections(sweep, figures)
     for title, sections in SECTIONS:
@@ -107,8 +121,16 @@ def markdown(a: Analysis, trace: Trace, figures: dict[str, Path], command: str |
     if sweep is not None and names:
         out += ["The learning-rate and initialization claims are decided from the whole sweep, the others from "
                 "the runs " + " and ".join(_md_code(r) for r in names.values()) + ".", ""]
+    seeds = len(a.seeds)
+    out += [f"Each claim compares the bn and nobn runs of {seeds} seed{'s' * (seeds != 1)}; dynamics claims use "
+            f"only seeds whose two runs both trained. A ratio claim needs bn ≤ {1 - MARGIN:g} × nobn over the whole "
+            "95% interval (covshift.analysis.claims).", ""]
     out += ["| claim | verdict | evidence | figure |", "|---|---|---|---|"]
-    for c in claims(a, sweep=sweep, measured=claim_rows(trace, "bn", "nobn", MARGIN)):
-        out.append(f"| {c.claim} | **{c.verdict}** | {c.evidence.replace('|', '/')} | {c.figure} |")
+    found = claims(a, sweep=sweep)
+    for c in found:
+        out.append(f"| {c.claim} | **{c.label}** | {_cell(c.evidence)} | {c.figure} |")
     out.append("")
+    note = disagreement(found)
+    if note:
+        out += [note, ""]
     return "\n".join(out)
