@@ -1,5 +1,6 @@
 """The report: claims decided from numbers, Markdown and self-contained HTML, the CLI."""
 
+import base64
 import re
 
 import pandas as pd
@@ -13,6 +14,7 @@ import covshift
 from covshift.cli import app
 from covshift.analysis import analyze
 from covshift.analysis.claims import CLAIMS, VERDICTS, claims
+from covshift.report.html import to_html
 
 FIGURES = ["batchnorm_training_loss.png", "activations.png", "percentiles.png", "saturation.png",
            "covariate_shift.png", "gradient_flow.png", "histograms.png"]
@@ -68,8 +70,49 @@ def test_html_is_self_contained_with_every_figure(traced):
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == len(FIGURES)
     for name in FIGURES:
-        assert f'alt="{name}"' in page
+        assert f'alt="{name}"' in page and f"<figcaption>{name}</figcaption>" in page
     assert "src=\"http" not in page and "<link" not in page
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == len(FIGURES) and all(s.startswith("data:image/png;base64,") for s in sources)
+
+
+def test_html_escapes_names_in_code_and_text():
+    md = ("# covshift report\n\n"
+          "- `<script>alert(1)</script>`: a & b cost $5\n"
+          "- `` a`b ``, `x | y` and `$HOME`\n\n"
+          "Plain <script>alert(2)</script> & more.\n")
+    page = to_html(md, {})
+    assert "<script>" not in page
+    assert "<li><code>&lt;script&gt;alert(1)&lt;/script&gt;</code>: a &amp; b cost $5</li>" in page
+    assert "<code>a`b</code>" in page and "<code>x | y</code>" in page and "<code>$HOME</code>" in page
+    assert "<p>Plain &lt;script&gt;alert(2)&lt;/script&gt; &amp; more.</p>" in page
+
+
+def test_html_renders_headings_lists_tables_links_and_bold():
+    md = ("# covshift report\n\n## Summary\n\n- one\n- two\n\nSee [the docs](https://example.org/a?b=1&c=2).\n\n"
+          "| claim | verdict | evidence |\n|---|---|---|\n| faster convergence | **supported** | `a\\|b` |\n")
+    page = to_html(md, {})
+    assert page.startswith("<!DOCTYPE html>") and "<title>covshift report</title>" in page
+    assert "<h1>covshift report</h1>" in page and "<h2>Summary</h2>" in page
+    assert re.search(r"<ul>\s*<li>one</li>\s*<li>two</li>\s*</ul>", page)
+    assert '<a href="https://example.org/a?b=1&amp;c=2">the docs</a>' in page
+    assert re.search(r"<table>\s*<thead>\s*<tr>\s*<th>claim</th>\s*<th>verdict</th>\s*<th>evidence</th>", page)
+    assert re.search(r"<td>faster convergence</td>\s*<td><strong>supported</strong></td>\s*<td><code>a\|b</code></td>",
+                     page)
+    assert page.count("<tr>") == 2 and "|---" not in page
+
+
+def test_html_embeds_figures_and_leaves_other_images(tmp_path):
+    png = tmp_path / "loss.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    md = "## Convergence\n\n![loss.png](loss.png)\n![loss.png](loss.png)\n\n![other.png](other.png)\n"
+    page = to_html(md, {"loss.png": png})
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    assert page.count(f'src="data:image/png;base64,{data}"') == 2
+    assert page.count("<figure>") == 2 and page.count("<figcaption>loss.png</figcaption>") == 2
+    assert "<p><figure>" not in page  # a paragraph of figures is not a <p>
+    assert '<img src="other.png" alt="other.png"' in page  # not a figure of this report: as written
+    assert [s for s in re.findall(r'src="([^"]*)"', page) if not s.startswith("data:")] == ["other.png"]
 
 
 def test_report_numbers_come_from_the_trace(traced):
