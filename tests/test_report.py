@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -37,13 +38,23 @@ def data():
 '''
 
 
-def analysis(**frames: pd.DataFrame) -> Analysis:
-    """An Analysis of a bn/nobn pair from the given frames, empty elsewhere."""
+def decay(noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, values) of a noisy geometric decay: its roughness grows with ``noise``."""
+    steps = np.arange(300)
+    return steps, 2.0 * np.exp(-steps / 100) * np.exp(noise * np.random.default_rng(seed).standard_normal(300))
+
+
+CALM, ROUGH = decay(0.01, 0), decay(0.1, 1)
+
+
+def analysis(losses: dict | None = None, **frames: pd.DataFrame) -> Analysis:
+    """An Analysis of a bn/nobn pair from the given frames and losses, empty elsewhere."""
     empty = pd.DataFrame()
     defaults = dict(
-        convergence=pd.DataFrame({"run": ["bn", "nobn"], "final_loss": [0.1, 0.2], "min_loss": [0.1, 0.2],
-                                  "target_loss": [0.2, 0.2], "steps_to_target": [50, 100], "loss_auc": [1.0, 2.0]}),
-        stability=pd.DataFrame({"run": ["bn", "nobn"], "oscillation_index": [1.2, 3.0], "val_spikes": [0, 2]}),
+        convergence=pd.DataFrame({"run": ["bn", "nobn"], "initial_loss": [2.0, 2.0], "final_loss": [0.1, 0.2],
+                                  "steps_to_90": [5, 10], "steps_to_50": [20, 40], "steps_to_10": [50, 100],
+                                  "smoothing_window": [6, 6], "loss_auc": [1.0, 2.0]}),
+        stability=pd.DataFrame({"run": ["bn", "nobn"], "roughness": [0.01, 0.1], "val_spikes": [0, 2]}),
         generalization=pd.DataFrame({"run": ["bn", "nobn"], "train_loss": [0.1, 0.2], "val_loss": [0.2, 0.3],
                                      "val_accuracy": [0.95, 0.90], "gap": [0.1, 0.1]}),
         shift_summary=pd.DataFrame({"run": ["bn", "nobn"], "layer": ["1", "1"], "mean_w2_prev": [0.1, 0.5],
@@ -53,7 +64,8 @@ def analysis(**frames: pd.DataFrame) -> Analysis:
     return Analysis(runs=["bn", "nobn"], convergence=defaults["convergence"], stability=defaults["stability"],
                     generalization=defaults["generalization"], saturation=empty, gradient_flow=empty,
                     gradient_summary=empty, covariate_shift=empty, shift_summary=defaults["shift_summary"],
-                    divergence=empty, findings=[])
+                    divergence=empty, findings=[],
+                    losses={"bn": CALM, "nobn": ROUGH} if losses is None else losses)
 
 
 def verdicts(a: Analysis) -> dict[str, str]:
@@ -72,9 +84,11 @@ def test_claims_supported_when_bn_is_better():
 
 def test_claims_not_supported_when_the_data_say_otherwise():
     a = analysis(
-        convergence=pd.DataFrame({"run": ["bn", "nobn"], "final_loss": [0.1, 0.1], "min_loss": [0.1, 0.1],
-                                  "target_loss": [0.2, 0.2], "steps_to_target": [96, 100], "loss_auc": [1.0, 1.0]}),
-        stability=pd.DataFrame({"run": ["bn", "nobn"], "oscillation_index": [3.0, 1.2], "val_spikes": [2, 0]}),
+        losses={"bn": ROUGH, "nobn": CALM},
+        convergence=pd.DataFrame({"run": ["bn", "nobn"], "initial_loss": [2.0, 2.0], "final_loss": [0.1, 0.1],
+                                  "steps_to_90": [5, 5], "steps_to_50": [40, 42], "steps_to_10": [96, 100],
+                                  "smoothing_window": [6, 6], "loss_auc": [1.0, 1.0]}),
+        stability=pd.DataFrame({"run": ["bn", "nobn"], "roughness": [0.1, 0.01], "val_spikes": [2, 0]}),
         generalization=pd.DataFrame({"run": ["bn", "nobn"], "train_loss": [0.1, 0.1], "val_loss": [0.3, 0.2],
                                      "val_accuracy": [0.90, 0.905], "gap": [0.2, 0.1]}),
         shift_summary=pd.DataFrame({"run": ["bn", "nobn"], "layer": ["1", "1"], "mean_w2_prev": [0.5, 0.5],
@@ -172,7 +186,7 @@ def test_claims_compare_the_named_pair():
     for key in ("convergence", "stability", "generalization", "shift_summary"):
         frame = getattr(analysis(), key)
         frames[key] = frame.assign(run=frame["run"].map(renamed))
-    a = analysis(**frames)
+    a = analysis(losses={renamed["bn"]: CALM, renamed["nobn"]: ROUGH}, **frames)
     a.runs = list(renamed.values())
     assert set(verdicts(a).values()) == {"not measured in this trace"}  # no runs named bn and nobn
     named = {c.claim: c for c in claims(a, pair=tuple(renamed.values()))}

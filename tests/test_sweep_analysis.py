@@ -118,10 +118,11 @@ def test_sweep_runs_columns_and_closed_forms(tmp_path):
     assert ok["final_loss"] == pytest.approx(0.2)  # the floor, held over the last 10 steps
     assert ok["best_val_accuracy"] == pytest.approx(0.9)  # the larger of the two logged values
     assert ok["mean_saturation"] == pytest.approx(0.2) and ok["median_grad_ratio"] == pytest.approx(1.5)
-    # every non-diverged run starts at 2, so the threshold is 1; smoothing (window 3) is exact on a
-    # line, so the first step at or below 1 is ceil(1 / slope): 34 for slope 0.03, 67 for 0.015
-    assert ok["steps_to_threshold"] == math.ceil(1 / 0.03) == 34
-    assert runs.loc[name("nobn", 0.03, 1.0, 0), "steps_to_threshold"] == math.ceil(1 / 0.015) == 67
+    # every non-diverged run starts at 2, so the threshold is 1; the trailing mean over (t-1, t)
+    # (window 2) of a line is L_t + slope / 2, so the first step at or below 1 is
+    # ceil(1 / slope + 1 / 2): 34 for slope 0.03, 68 for 0.015
+    assert ok["steps_to_threshold"] == math.ceil(1 / 0.03 + 0.5) == 34
+    assert runs.loc[name("nobn", 0.03, 1.0, 0), "steps_to_threshold"] == math.ceil(1 / 0.015 + 0.5) == 68
     flat = runs.loc[name("bn", 0.3, 1.0, 0)]  # floor 1.5: below M = 2 (trains), never at the threshold 1
     assert flat["trains"] and flat["final_loss"] == pytest.approx(1.5) and math.isnan(flat["steps_to_threshold"])
     bad = runs.loc[name("nobn", 3.0, 1.0, 0)]
@@ -141,9 +142,10 @@ def test_threshold_is_half_the_median_initial_loss_of_runs_that_did_not_diverge(
         runs = sweep_runs(trace).set_index("run")
         sa = analyze_sweep(trace)
     assert sa.initial_loss == 4.0 and sa.threshold == 2.0  # median of 2, 4, 4
-    # bn starts at the threshold: step 0's smoothed loss is mean(2.0, 1.95) <= 2
+    # bn starts at the threshold: step 0's smoothed loss is the trailing mean of step 0 alone, 2.0 <= 2
     assert runs.loc[name("bn", 0.1, 1.0, 0), "steps_to_threshold"] == 0
-    assert runs.loc[name("nobn", 0.1, 1.0, 0), "steps_to_threshold"] == math.ceil(2 / 0.03) == 67
+    # the trailing mean over (t-1, t) of the line 4 - 0.03 t is <= 2 from ceil(2 / 0.03 + 1 / 2)
+    assert runs.loc[name("nobn", 0.1, 1.0, 0), "steps_to_threshold"] == math.ceil(2 / 0.03 + 0.5) == 68
     assert runs.loc[name("bn", 0.2, 1.0, 0), "diverged"]
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from ..store import Trace, load
@@ -44,6 +45,9 @@ class Analysis:
     shift_summary: pd.DataFrame
     divergence: pd.DataFrame
     findings: list[Finding] = field(default_factory=list)
+    #: run -> (steps, values) of the finite part of its loss, for pairwise measures
+    #: (:func:`.stability.pair_roughness`)
+    losses: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def findings_for(self, section: str) -> list[Finding]:
         """The findings of one section, in order."""
@@ -83,4 +87,4 @@ def _analyze(trace: Trace) -> Analysis:
                 + generalization.findings(gen) + saturation.findings(sat, runs, pair)
                 + gradient_flow.findings(gradient_summary, pair) + covariate_shift.findings(shift_summary, runs, pair)
                 + divergence.findings(div))
-    return Analysis(runs, conv, stab, gen, sat, flow, gradient_summary, shift, shift_summary, div, findings)
+    return Analysis(runs, conv, stab, gen, sat, flow, gradient_summary, shift, shift_summary, div, findings, losses)

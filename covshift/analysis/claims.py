@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from ..store import Trace
-from . import Analysis, common, sweep_findings, sweep_tables
+from . import Analysis, common, convergence, stability, sweep_findings, sweep_tables
 from .sweep_tables import SweepAnalysis
 
 
@@ -75,33 +75,33 @@ def claims(a: Analysis, pair: tuple[str, str] = ("bn", "nobn"), sweep: SweepAnal
 def _pair_claims(a: Analysis, b_run: str, n_run: str) -> list[Claim]:
     """The claims one pair of runs decides."""
     out = []
-    bn, nobn = common.row(a.convergence, b_run), common.row(a.convergence, n_run)
-    b, n = bn["steps_to_target"], nobn["steps_to_target"]
-    target = bn["target_loss"]
-    if common.all_finite(b, n):
+    level, b, n = convergence.pair_steps(a.convergence, b_run, n_run)
+    if common.all_finite(level, b, n):
         verdict = "supported" if b <= (1 - MARGIN) * n else "not supported"
-        evidence = f"steps to reach training loss {target:.4g}: bn {int(b)}, nobn {int(n)}"
-    elif common.all_finite(b):
-        verdict, evidence = "supported", f"bn reaches training loss {target:.4g} at step {int(b)}; nobn never does"
-    elif common.all_finite(n):
-        verdict, evidence = "not supported", f"nobn reaches training loss {target:.4g} at step {int(n)}; bn never does"
+        evidence = f"steps to reach {level:.0%} of the initial training loss: bn {int(b)}, nobn {int(n)}"
     else:
-        verdict, evidence = "not measured in this trace", "neither run reaches a common loss level"
+        verdict = "not measured in this trace"
+        evidence = "the runs reach no common level of 90/50/10% of their initial loss"
     out.append(Claim("faster convergence", verdict, evidence, "batchnorm_training_loss.png"))
 
     bs, ns = common.row(a.stability, b_run), common.row(a.stability, n_run)
-    bo, no = bs["oscillation_index"], ns["oscillation_index"]
+    if b_run in a.losses and n_run in a.losses:
+        bo, no, used = stability.pair_roughness(a.losses[b_run], a.losses[n_run])
+    else:
+        bo, no, used = float("nan"), float("nan"), 0
     if common.all_finite(bo, no):
         calmer = bo <= (1 - MARGIN) * no
-        evidence = f"oscillation index of the training loss: bn {bo:.3g}, nobn {no:.3g}"
-        if common.all_finite(bs["val_spikes"], ns["val_spikes"]):
+        evidence = (f"roughness (std of the step-to-step change of log loss) over the loss levels both runs cover "
+                    f"({used} steps): bn {bo:.3g}, nobn {no:.3g}")
+        if bs is not None and ns is not None and common.all_finite(bs["val_spikes"], ns["val_spikes"]):
             calmer = calmer and bs["val_spikes"] <= ns["val_spikes"]
             evidence += f"; validation-loss spikes: bn {int(bs['val_spikes'])}, nobn {int(ns['val_spikes'])}"
         out.append(Claim("smoother, stabler training", "supported" if calmer else "not supported", evidence,
                          "batchnorm_training_loss.png"))
     else:
         out.append(Claim("smoother, stabler training", "not measured in this trace",
-                         "a run has too few finite losses", "batchnorm_training_loss.png"))
+                         f"fewer than {stability.MIN_STEPS} steps of a run lie in the range of loss levels both "
+                         "runs cover", "batchnorm_training_loss.png"))
 
     layers = a.shift_summary[a.shift_summary["layer"] != ""]  # "" rows are the per-run means
     shared = layers[layers["layer"].isin(set(layers.loc[layers["run"] == b_run, "layer"])
