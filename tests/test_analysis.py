@@ -188,29 +188,30 @@ def test_gradient_ratio_verdict_and_worst_step(tmp_path):
 
 # --------------------------------------------------------------------------- convergence
 
-def test_steps_to_target_loss(tmp_path):
+def test_convergence_levels_and_auc(tmp_path):
     t = np.arange(101)
-    fast = np.maximum(0.0, 2 - t / 16)  # reaches 1 at step 16, 0 at step 32
-    slow = np.maximum(1.0, 2 - t / 32)  # reaches 1 at step 32 and stays
+    fast = np.maximum(0.0, 2 - t / 16)  # reaches 1 (50%) at step 16, 0 at step 32
+    slow = np.maximum(1.0, 2 - t / 32)  # reaches 1 at step 32 and stays: never 10%
     trace = build(tmp_path / "t.covshift", {"fast": {"scalars": loss_rows(fast)},
                                             "slow": {"scalars": loss_rows(slow)}})
     a = analyze(trace)
     c = a.convergence.set_index("run")
-    assert (c["smoothing_window"] == 3).all()  # 2% of 101 steps, rounded, made odd
-    assert list(c["target_loss"]) == pytest.approx([1.0, 1.0])
-    assert c.loc["fast", "steps_to_target"] == 16
-    assert c.loc["slow", "steps_to_target"] == 33  # the centred mean over 32..34 is the first at 1
-    assert c.loc["fast", "final_loss"] == 0 and c.loc["slow", "min_loss"] == 1
+    assert list(a.convergence.columns) == ["run", "initial_loss", "final_loss", "steps_to_90", "steps_to_50",
+                                           "steps_to_10", "smoothing_window", "loss_auc"]
+    assert (c["smoothing_window"] == 2).all()  # 2% of 101 steps, rounded
+    assert c.loc["fast", "initial_loss"] == 2.0 and c.loc["fast", "final_loss"] == 0
+    # the trailing mean over (s-1, s) first reaches 1.0 at step 17 (fast) and 33 (slow)
+    assert c.loc["fast", "steps_to_50"] == 17 and c.loc["slow", "steps_to_50"] == 33
+    assert math.isnan(c.loc["slow", "steps_to_10"])
     assert c.loc["slow", "loss_auc"] == pytest.approx((1.5 * 32 + 68) / 100)
     assert c.loc["fast", "loss_auc"] == pytest.approx(32 / 100)
     sentences = texts(a, "convergence")
-    assert any("minimum of the slow run" in s for s in sentences)
-    assert "The fast run reaches the target loss 17 steps before the slow run (step 16 vs 33)." in sentences
+    assert any("slow run" in s and "never reaches 10% of its initial loss" in s for s in sentences)
 
 
 # ----------------------------------------------------------------- stability, generalization
 
-def test_oscillation_index_and_val_spikes(tmp_path):
+def test_roughness_and_val_spikes(tmp_path):
     val = [1.0, 1.05, 1.3, 1.2, 1.5]  # +5%, +23.8%, -7.7%, +25%
     trace = build(tmp_path / "t.covshift", {
         "mono": {"scalars": loss_rows([4.0, 3.0, 2.0, 1.0])},
@@ -218,13 +219,15 @@ def test_oscillation_index_and_val_spikes(tmp_path):
         "flat": {"scalars": loss_rows([2.0, 2.0, 2.0])}})
     a = analyze(trace)
     s = a.stability.set_index("run")
-    assert s.loc["mono", "oscillation_index"] == pytest.approx(1.0)
-    assert s.loc["wobbly", "oscillation_index"] == pytest.approx(5 / 3)
-    assert s.loc["flat", "oscillation_index"] == 1.0
+    assert list(a.stability.columns) == ["run", "roughness", "val_spikes", "val_evaluations", "spike_steps"]
+    assert s.loc["mono", "roughness"] == pytest.approx(np.std(np.diff(np.log([4.0, 3.0, 2.0, 1.0])), ddof=1))
+    assert math.isnan(s.loc["wobbly", "roughness"])  # a loss of 0 has no log
+    assert s.loc["flat", "roughness"] == 0.0
     assert s.loc["wobbly", "val_spikes"] == 2 and s.loc["wobbly", "spike_steps"] == [2, 4]
     assert math.isnan(s.loc["mono", "val_spikes"])
     sentences = texts(a, "stability")
     assert any("wobbly" in t and "2 of its 5 evaluations" in t and "steps 2, 4" in t for t in sentences)
+    assert any("mono run's roughness (std of the step-to-step change of log loss)" in t for t in sentences)
     assert not any("mono run's validation" in t for t in sentences)
 
 
@@ -277,8 +280,8 @@ def test_diverged_run(tmp_path):
     assert d.loc["cfg", "diverged_at"] == 5 and d.loc["cfg", "first_nonfinite_layer"] == "c"
     assert math.isnan(d.loc["bn", "diverged_at"])
     c = a.convergence.set_index("run")
-    assert c.loc["nobn", "final_loss"] == 1.5 and c.loc["nobn", "min_loss"] == 1.5  # the finite part
-    assert a.stability.set_index("run").loc["nobn", "oscillation_index"] == pytest.approx(1.0)
+    assert c.loc["nobn", "final_loss"] == 1.5 and c.loc["nobn", "initial_loss"] == 2.0  # the finite part
+    assert math.isnan(a.stability.set_index("run").loc["nobn", "roughness"])  # 2 finite losses
     shift = row(a.covariate_shift, run="nobn", layer="b", step=2)
     assert math.isnan(shift["w2_prev"]) and math.isnan(shift["w1_prev"])
     sentences = texts(a, "divergence")
@@ -299,9 +302,11 @@ def test_single_run_without_detail_steps(tmp_path):
     assert a.covariate_shift.empty and a.shift_summary.empty and a.saturation.empty
     assert texts(a, "covariate_shift") == [] and texts(a, "saturation") == []
     c = row(a.convergence, run="solo")
-    assert c["target_loss"] == c["min_smoothed_loss"] == 1.0 and c["steps_to_target"] == 3
+    assert c["initial_loss"] == 3.0 and c["final_loss"] == 1.2
+    assert c["steps_to_90"] == 1 and c["steps_to_50"] == 3 and math.isnan(c["steps_to_10"])
     assert texts(a, "convergence") == [
-        "The solo run's smoothed loss (window 1) reaches its minimum 1 at step 3; its final loss is 1.2."]
+        "The solo run starts at loss 3 and ends at 1.2 (smoothed, window 1); its smoothed loss reaches 90% of its "
+        "initial loss at step 1, 50% of its initial loss at step 3; it never reaches 10% of its initial loss."]
     assert texts(a, "divergence") == [
         "The solo run did not diverge: it recorded no non-finite loss or layer output."]
 
@@ -311,7 +316,7 @@ def test_runs_without_data(tmp_path):
                                             "one": {"scalars": loss_rows([math.nan])}})
     a = analyze(trace)
     assert list(a.convergence["run"]) == ["empty", "one"]
-    assert a.convergence["steps_to_target"].isna().all()
+    assert a.convergence[["steps_to_90", "steps_to_50", "steps_to_10", "initial_loss"]].isna().all().all()
     assert texts(a, "convergence") == [] and texts(a, "gradient_flow") == []
     assert row(a.divergence, run="one")["diverged_at"] == 0
     assert math.isnan(row(a.divergence, run="empty")["diverged_at"])

@@ -4,8 +4,9 @@ compare.
 
 **Loss used.** The training ``loss`` run metric up to, not including, its first non-finite
 value (the *finite part*; all of it when the run never diverged). With ``n`` finite steps,
-the *smoothed* loss is a centred rolling mean over ``w`` steps, ``w = max(1, round(0.02 n))``
-made odd by adding 1 when even; windows at the ends use the steps that exist.
+the *smoothed* loss is a trailing (backward-looking) rolling mean over ``w`` steps,
+``w = max(1, round(0.02 n))``: the smoothed loss at a step averages that step and the
+``w − 1`` before it, never a later one; the first ``w − 1`` steps average the steps that exist.
 
 **Findings** compare two runs where the trace holds a BN pair (runs whose config
 ``variant`` or name is ``bn`` and ``nobn``), or else exactly two runs. Layer names appear
@@ -73,13 +74,18 @@ def finite_part(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def window(n: int) -> int:
-    w = max(1, int(round(SMOOTH_FRACTION * n)))
-    return w if w % 2 else w + 1
+    """The smoothing window of a run with ``n`` finite steps: ``max(1, round(SMOOTH_FRACTION n))``."""
+    return max(1, int(round(SMOOTH_FRACTION * n)))
 
 
 def smooth(values: np.ndarray) -> np.ndarray:
+    """Trailing rolling mean over :func:`window` steps (min_periods=1): it never looks ahead.
+
+    >>> smooth(np.arange(100.0))[:4]  # window 2
+    array([0. , 0.5, 1.5, 2.5])
+    """
     w = window(len(values))
-    return pd.Series(values).rolling(w, center=True, min_periods=1).mean().to_numpy()
+    return pd.Series(values, dtype=float).rolling(w, min_periods=1).mean().to_numpy()
 
 
 def first_step(steps: np.ndarray, mask: np.ndarray) -> float:

@@ -1,10 +1,11 @@
-"""Stability of each run: how much its loss oscillates and how often validation loss
+"""Stability of each run: how rough its loss curve is and how often validation loss
 spikes, as a table and findings.
 
-**Stability.** ``oscillation_index`` = Σ_t |L_{t+1} − L_t| / max(|L_first − L_last|, 1e-12)
-on the raw finite loss: the loss's total variation over its net change. 1 means a monotone
-curve, k means the loss travels k times the distance it gained; a constant loss counts
-as 1, a single step as NaN. ``val_spikes`` = number of evaluations whose ``val_loss`` rose
+**Stability.** ``roughness`` = the sample standard deviation (ddof 1) of Δ ln L between
+consecutive recorded steps of the finite loss: the std of the step-to-step change of log loss.
+It is scale-free (multiplying the loss by a constant leaves it unchanged) and does not blow up
+on a flat run. NaN with fewer than 3 losses or any loss ≤ 0. :func:`pair_roughness` compares
+two runs over the same range of loss levels. ``val_spikes`` = number of evaluations whose ``val_loss`` rose
 by more than 10% over the previous evaluation, ``L_i − L_{i−1} > 0.1 |L_{i−1}|`` (NaN without
 ``val_loss``).
 """
@@ -20,16 +21,43 @@ from . import common
 from .common import Finding
 
 VAL_SPIKE = 0.10           #: a relative rise of val_loss above this is a spike
-NET_CHANGE_FLOOR = 1e-12
+MIN_STEPS = 20             #: pair_roughness needs this many steps in the shared range per run
 
 
-def _oscillation(values: np.ndarray) -> float:
-    if len(values) < 2:
+def roughness(values: np.ndarray) -> float:
+    """Sample std (ddof 1) of Δ ln L over consecutive values; NaN with < 3 values or a loss ≤ 0."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 3 or not np.all(values > 0):
         return math.nan
-    travel = float(np.abs(np.diff(values)).sum())
-    if travel == 0:
-        return 1.0
-    return travel / max(abs(values[0] - values[-1]), NET_CHANGE_FLOOR)
+    return float(np.std(np.diff(np.log(values)), ddof=1))
+
+
+def pair_roughness(losses_bn: tuple[np.ndarray, np.ndarray],
+                   losses_nobn: tuple[np.ndarray, np.ndarray]) -> tuple[float, float, int]:
+    """(roughness of bn, roughness of nobn, steps used) over the loss levels both runs cover.
+
+    Each argument is a run's (steps, values), finite. The shared range is [max of the two
+    runs' lowest smoothed loss, min of their first smoothed loss]; each run's roughness is the
+    std of Δ ln L at its steps whose smoothed loss lies in that range (the change from the
+    previous recorded step). The third value is the smaller of the two runs' step counts; a
+    roughness is NaN when that run has fewer than :data:`MIN_STEPS` steps in the range."""
+    curves = [np.asarray(v, dtype=float) for _, v in (losses_bn, losses_nobn)]
+    if any(len(v) == 0 for v in curves):
+        return math.nan, math.nan, 0
+    smoothed = [common.smooth(v) for v in curves]
+    low = max(float(s.min()) for s in smoothed)
+    high = min(float(s[0]) for s in smoothed)
+    out, counts = [], []
+    for v, s in zip(curves, smoothed):
+        inside = (s >= low) & (s <= high)
+        inside[0] = False  # a change needs the step before
+        counts.append(int(inside.sum()))
+        if counts[-1] < MIN_STEPS or not np.all(v > 0):
+            out.append(math.nan)
+            continue
+        change = np.diff(np.log(v))[inside[1:]]
+        out.append(float(np.std(change, ddof=1)))
+    return out[0], out[1], min(counts)
 
 
 def _spikes(values: np.ndarray) -> tuple[float, list[int]]:
@@ -47,19 +75,18 @@ def table(runs: list[str], losses: dict, run_frame: pd.DataFrame) -> pd.DataFram
     for run in runs:
         val_steps, val = common.series(run_frame, run, "val_loss")
         count, hits = _spikes(val)
-        rows.append({"run": run, "oscillation_index": _oscillation(losses[run][1]), "val_spikes": count,
+        rows.append({"run": run, "roughness": roughness(losses[run][1]), "val_spikes": count,
                      "val_evaluations": len(val), "spike_steps": [int(val_steps[i]) for i in hits]})
-    return pd.DataFrame(rows, columns=["run", "oscillation_index", "val_spikes", "val_evaluations", "spike_steps"])
+    return pd.DataFrame(rows, columns=["run", "roughness", "val_spikes", "val_evaluations", "spike_steps"])
 
 
 def findings(stab: pd.DataFrame) -> list[Finding]:
     out = []
     for _, r in stab.iterrows():
-        idx = r["oscillation_index"]
-        if np.isfinite(idx):
-            out.append(Finding("stability", f"The {r['run']} run's loss oscillation index is {common.num(idx)}: its "
-                               f"loss travels {common.num(idx)} times its net change (1 = monotone).", r["run"],
-                               value=float(idx)))
+        rough = r["roughness"]
+        if np.isfinite(rough):
+            out.append(Finding("stability", f"The {r['run']} run's roughness (std of the step-to-step change of log "
+                               f"loss) is {common.num(rough)}.", r["run"], value=float(rough)))
         if r["val_evaluations"] >= 2 and not pd.isna(r["val_spikes"]):
             n, steps = int(r["val_spikes"]), r["spike_steps"]
             if n:

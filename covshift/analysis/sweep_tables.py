@@ -14,8 +14,8 @@ value, as in :mod:`covshift.analysis.common`, with ``n`` finite steps).
   diverge and its ``final_loss ≤ 0.9 M``: it got at least 10% below where runs start (a run
   that stays on its plateau does not count).
 - ``threshold = 0.5 M``. ``steps_to_threshold``: the first step whose smoothed loss (the
-  centred rolling mean of :mod:`covshift.analysis.common`, window ``max(1, round(0.02 n))`` made
-  odd) is ≤ ``threshold``; NaN when it never is. A diverged run counts its finite part.
+  trailing rolling mean of :mod:`covshift.analysis.common`, window ``max(1, round(0.02 n))``)
+  is ≤ ``threshold``; NaN when it never is. A diverged run counts its finite part.
 - ``mean_saturation``: mean of every finite ``saturation`` value of the run (all layers, all
   recorded steps). ``median_grad_ratio``: median over steps of the ``grad_norm`` of the first
   layer over that of the last (the gradient-flow ratio of :mod:`covshift.analysis.gradient_flow`;
