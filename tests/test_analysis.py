@@ -245,7 +245,16 @@ def test_generalization_tail_mean_and_last_val(tmp_path):
     sentences = texts(a, "generalization")
     assert any("r run" in t and "75%" in t and "gap 11.5" in t for t in sentences)
     assert [t for t in sentences if "noval" in t] == [
-        "The noval run ends with a train loss of 2 (mean of its last 1 steps)."]
+        "The noval run ends with a train loss of 2 (mean of its last 1 mini-batches)."]
+    assert g.loc["noval", "train_source"] == "batches"
+
+
+def test_generalization_uses_the_eval_mode_training_loss(tmp_path):
+    trace = build(tmp_path / "t.covshift", {"r": {"scalars": loss_rows(np.arange(20.0))
+                                                  + loss_rows([7.0, 4.0], "train_eval_loss", [9, 19])
+                                                  + loss_rows([5.0, 6.0], "val_loss", [9, 19])}})
+    g = analyze(trace).generalization.set_index("run").loc["r"]
+    assert (g["train_loss"], g["train_source"], g["gap"]) == (4.0, "eval", 2.0)
 
 
 # ---------------------------------------------------------------------------- divergence

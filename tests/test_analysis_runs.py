@@ -157,7 +157,6 @@ def test_claims_use_pair_steps_and_pair_roughness(tmp_path):
     found = {c.claim: c for c in claims(analyze(trace))}
     level, b, n = 0.1, reference_steps(t, bn, 0.1), reference_steps(t, nobn, 0.1)
     assert found["faster convergence"].verdict == "supported"
-    assert f"steps to reach {level:.0%} of the initial training loss: bn {int(b)}, nobn {int(n)}" in \
-        found["faster convergence"].evidence
+    assert f"bn {int(b)}, nobn {int(n)}; {level:g} × initial loss" in found["faster convergence"].evidence
     assert found["smoother, stabler training"].verdict == "supported"
     assert "roughness" in found["smoother, stabler training"].evidence

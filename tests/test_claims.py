@@ -123,9 +123,10 @@ def test_a_run_that_did_not_train_is_not_compared(tmp_path):
     fast = found["faster convergence"]
     assert fast.verdict == "supported" and "BatchNorm made training possible" in fast.evidence
     assert "nobn did not train in 2 of 2 seeds" in fast.evidence
-    for name in ("smoother, stabler training", "better generalization",
-                 "reduced internal covariate shift (distributional)"):
+    for name in ("smoother, stabler training", "better generalization"):
         assert found[name].verdict == "not comparable", name
+    # a quantity the trace does not hold is "not measured", whatever the outcomes
+    assert found["reduced internal covariate shift (distributional)"].verdict == "not measured"
     assert any("BatchNorm made training possible" in f.text for f in a.findings_for("outcomes"))
 
 
@@ -164,3 +165,31 @@ def test_identical_variants_over_three_seeds_get_no_supported_verdict(tmp_path):
     decided = [c for c in found if c.per_seed]
     assert decided and all(v == pytest.approx(1.0) or v == pytest.approx(0.0) for c in decided for v in c.per_seed)
     assert "**supported" not in (tmp_path / "report.md").read_text()
+
+
+def test_gradient_based_rows_use_matched_layers_without_the_first(tmp_path):
+    """ICS on role-matched Linear layers (first excluded) and the landscape's β-smoothness."""
+    writer = TraceWriter(tmp_path / "t.covshift")
+    layouts = {"bn": [("0", "Linear", None), ("0_bn", "BatchNorm1d", None), ("1", "Tanh", "tanh"),
+                      ("2", "Linear", None), ("2_bn", "BatchNorm1d", None), ("3", "Tanh", "tanh"), ("4", "Linear", None)],
+               "nobn": [("0", "Linear", None), ("1", "Tanh", "tanh"), ("2", "Linear", None), ("3", "Tanh", "tanh"),
+                        ("4", "Linear", None)]}
+    rng = np.random.default_rng(0)
+    ics = {v: {layer: rng.uniform(0.1, 1.0, 5) for layer in ("0", "2", "4")} for v in layouts}
+    beta = {v: rng.uniform(1, 10, 5) for v in layouts}
+    for v, tau in (("bn", 15), ("nobn", 60)):
+        rid = writer.add_run(v, {"variant": v, "seed": 0})
+        for pos, (layer, kind, nl) in enumerate(layouts[v]):
+            writer.add_layer(rid, layer, kind, nl, pos, None)
+        rows = [(s, "", "loss", float(x)) for s, x in enumerate(decay(tau, 0))]
+        rows += [(10 * k, layer, "ics_rel", float(x)) for layer, xs in ics[v].items() for k, x in enumerate(xs)]
+        rows += [(10 * k, "", "beta_smoothness", float(x)) for k, x in enumerate(beta[v])]
+        writer.write(rid, rows, [], [])
+    writer.close()
+    found = by_claim(claims(analyze(tmp_path / "t.covshift")))
+    later = [layer for layer in ("2", "4")]  # the same names here, matched by role either way
+    expected = np.median(np.concatenate([ics["bn"][x] for x in later])) / \
+        np.median(np.concatenate([ics["nobn"][x] for x in later]))
+    assert found["reduced internal covariate shift (gradient-based)"].per_seed == pytest.approx([expected])
+    assert found["smoother loss landscape"].per_seed == pytest.approx([np.median(beta["bn"]) / np.median(beta["nobn"])])
+    assert found["reduced internal covariate shift (distributional)"].verdict == "not measured"

@@ -50,10 +50,12 @@ def test_ics_every_records_without_changing_training(tmp_path):
         assert plain.scalars(run=run, metric="ics_l2").empty
     md = (tmp_path / "ics" / "report.md").read_text()
     assert "![ics.png](ics.png)" in md and "![landscape.png](landscape.png)" in md
+    # 8 steps: the nobn run does not train, so the measured rows are "not comparable", not "not measured"
     row = next(line for line in md.splitlines() if line.startswith("| smoother loss landscape"))
-    assert "not measured" not in row and "β-smoothness" in row
-    row = next(line for line in md.splitlines() if line.startswith("| reduced internal covariate shift"))
-    assert "Santurkar" in row
+    assert "**not comparable**" in row and "did not train" in row and "landscape.png" in row
+    row = next(line for line in md.splitlines() if line.startswith("| reduced internal covariate shift (gradient"))
+    assert "**not comparable**" in row and "ics.png" in row
     plain_md = (tmp_path / "plain" / "report.md").read_text()
     assert "ics.png" not in plain_md
-    assert "| smoother loss landscape | **not measured in this trace** |" in plain_md
+    assert "| smoother loss landscape | **not measured** | median effective β-smoothness along the gradient: not in " \
+           "this trace (covshift trace --ics-every N)" in plain_md

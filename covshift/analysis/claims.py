@@ -92,6 +92,8 @@ class _Effect:
     what: str  # for the evidence, e.g. "steps to the deepest loss level both runs reach"
     figure: str
     measure: Callable[[Analysis, str, str], Measure]
+    available: Callable[[Analysis], bool] = lambda a: True  # whether the trace holds what it needs
+    needs: str = ""  # what to record to get it
 
 
 def _ratio_verdict(per_seed: Sequence[float]) -> tuple[str, float, float, float]:
@@ -182,6 +184,10 @@ def _ics(a: Analysis, bn: str, nobn: str) -> Measure:
     return Measure(float(b.median()), float(n.median()), f"{len(roles)} layers, first excluded")
 
 
+def _has(a: Analysis, metric: str) -> bool:
+    return bool((a.instruments["metric"] == metric).any())
+
+
 def _median(a: Analysis, run: str, metric: str) -> float:
     rows = a.instruments[(a.instruments["run"] == run) & (a.instruments["metric"] == metric)]
     return float(rows["value"].median()) if len(rows) else math.nan
@@ -212,13 +218,15 @@ EFFECTS = [
     _Effect("smoother, stabler training", "roughness of the training loss (std of Δ log loss over the loss levels "
             "both runs pass through)", "batchnorm_training_loss.png", _roughness),
     _Effect("reduced internal covariate shift (distributional)", "mean shift of the nonlinearity inputs between "
-            "detail steps", "covariate_shift.png", _shift),
+            "detail steps", "covariate_shift.png", _shift,
+            lambda a: not a.shift_summary.empty, "per-unit statistics at two or more detail steps"),
     _Effect("reduced internal covariate shift (gradient-based)", "median ‖G − G′‖ / ‖G‖ (Santurkar et al. 2018)",
-            "ics.png", _ics),
+            "ics.png", _ics, lambda a: _has(a, "ics_rel"), "covshift trace --ics-every N"),
     _Effect("smoother loss landscape", "median effective β-smoothness along the gradient", "landscape.png",
-            _landscape),
+            _landscape, lambda a: _has(a, "beta_smoothness"), "covshift trace --ics-every N"),
     _Effect("better generalization", "final validation accuracy", "batchnorm_training_loss.png",
-            _generalization),
+            _generalization, lambda a: bool(a.generalization[["val_loss", "val_accuracy"]].notna().any(axis=None)),
+            "validation metrics: covshift trace logs them"),
 ]
 
 
@@ -247,6 +255,10 @@ def _decide(a: Analysis, effect: _Effect) -> Claim:
     claim = Claim(effect.claim, "not measured", "", effect.figure)
     if a.seeds.empty:
         claim.evidence = "needs a bn and a nobn run (covshift trace records both)"
+        return claim
+    if not effect.available(a):
+        claim.evidence = f"{effect.what}: not in this trace" + (f" ({effect.needs})" if effect.needs else "")
+        claim.figure = ""
         return claim
     both, others = _split(a)
     if both.empty:
