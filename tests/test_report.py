@@ -55,7 +55,7 @@ def test_trace_writes_the_report(traced):
         assert (out / name).is_file(), name
     assert "report.html" in output
     md = (out / "report.md").read_text()
-    for section in ("## Summary", "## Run outcomes", "## How the layers are compared", "## Convergence and stability", "## Generalization", "## Saturation",
+    for section in ("## Run outcomes", "## How the layers are compared", "## Convergence and stability", "## Generalization", "## Saturation",
                     "## Gradient flow", "## Covariate shift", "## BatchNorm claims"):
         assert section in md
     rows = [line for line in md.splitlines() if line.split(" | ")[0][2:] in CLAIMS]

@@ -231,7 +231,7 @@ EFFECTS = [
 
 
 def _fmt(value: float, higher_is_better: bool) -> str:
-    return f"{value:.1%}" if higher_is_better else num(value)
+    return f"{value:.1%}" if higher_is_better else f"{value:.4g}"
 
 
 def _evidence(effect: _Effect, rows: list[tuple[int, Measure]], claim: Claim) -> str:

@@ -23,6 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
+from ..analysis import common
 from ..store import Trace
 from . import style
 from .distribution_figures import covariate_shift, histograms
@@ -70,8 +71,7 @@ def training_loss(trace: Trace) -> Figure:
     fig, axes = style.new_figure(1, 3)
     ax_loss, ax_vloss, ax_vacc = axes[0]
     frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy"])
-    lengths = [int(((frame["run"] == r) & (frame["metric"] == "loss")).sum()) for r in runs]
-    window = max(1, max(lengths, default=0) // 40)
+    windows = []
     collected: dict[str, list[np.ndarray]] = {"loss": [], "val_loss": [], "val_accuracy": []}
     for run in runs:
         mine = frame[frame["run"] == run]
@@ -79,11 +79,11 @@ def training_loss(trace: Trace) -> Figure:
         steps, raw = loss["step"].to_numpy(), loss["value"].to_numpy(dtype=float)
         values = style.finite(raw)
         collected["loss"].append(values)
-        if window > 1:
+        kept_steps, kept = common.finite_part(steps, raw)  # what the analysis smooths, the same way
+        windows.append(common.window(len(kept)))
+        if windows[-1] > 1:
             ax_loss.plot(steps, values, color=colors[run], alpha=0.25, lw=0.7)
-        smooth = pd.Series(values).rolling(window, center=True, min_periods=1).mean().to_numpy(dtype=float)
-        smooth = np.where(np.isnan(values), np.nan, smooth)
-        ax_loss.plot(steps, smooth, color=colors[run], lw=1.8, label=style.literal(run))
+        ax_loss.plot(kept_steps, common.smooth(kept), color=colors[run], lw=1.8, label=style.literal(run))
         at = _diverged_at(trace, run, steps, raw)
         finite = ~np.isnan(values)
         if at is not None and finite.any():
@@ -98,7 +98,8 @@ def training_loss(trace: Trace) -> Figure:
             collected[metric].append(v)
             if v.size:
                 ax.plot(rows["step"], v, "o-", color=colors[run], ms=3.5, lw=1.4, label=style.literal(run))
-    title = "training loss" + (f" (line: mean over {window} steps)" if window > 1 else "")
+    window = max(windows, default=1)
+    title = "training loss" + (f" (line: trailing mean over {window} steps, as the analysis)" if window > 1 else "")
     panels = ((ax_loss, "loss", title, "training loss"),
               (ax_vloss, "val_loss", "validation loss", "validation loss"),
               (ax_vacc, "val_accuracy", "validation accuracy", "validation accuracy"))

@@ -103,9 +103,8 @@ def markdown(a: Analysis, trace: Trace, figures: dict[str, Path], command: str |
     out = ["# covshift report", ""]
     if command:
         out += [f"Regenerate with: `{command}`", ""]
-    out += ["## Summary", ""]
     if sweep is not None:
-        out += [*summary_lines(sweep, names or {}), ""]
+        out += ["## Summary", "", *summary_lines(sweep, names or {}), ""]
     out += ["## Run outcomes", "", *_outcomes(a, trace), ""]
     out += _pairs(a)
     if sweep is not None:
