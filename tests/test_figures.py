@@ -397,3 +397,28 @@ def test_histograms_of_a_run_without_them(tmp_path):
         fig = distribution_figures.histograms(trace)
         assert any(t.startswith("no histograms of layer") for t in texts(fig))
         assert len(main_axes(fig)) == 2
+
+
+def test_ics_figure_shows_ics_rel_without_the_first_layer(tmp_path):
+    from covshift.report.instrument_figures import ics_figure, save_figures
+    writer = TraceWriter(tmp_path / "ics.covshift")
+    values = {}
+    for run in ("bn", "nobn"):
+        rid = writer.add_run(run, {"variant": run})
+        for pos, (layer, kind, nl) in enumerate(LAYERS):
+            writer.add_layer(rid, layer, kind, nl, pos, None)
+        values[run] = {layer: np.linspace(0.1, 0.5, 4) * (2 if run == "nobn" else 1) for layer in ("fc", "out")}
+        writer.write(rid, [(3 * k, layer, metric, float(v if metric == "ics_rel" else 1 - v))
+                           for layer, vs in values[run].items() for k, v in enumerate(vs)
+                           for metric in ("ics_rel", "ics_cos")], [], [])
+    writer.close()
+    written = save_figures(covshift.load(tmp_path / "ics.covshift"), tmp_path / "out")
+    assert (tmp_path / "out" / "ics.png").is_file() and "ics.png" in written
+    fig = ics_figure(covshift.load(tmp_path / "ics.covshift"))
+    top = fig.axes[:2]  # the ics_rel row: bn, nobn
+    for ax, run in zip(top, ("bn", "nobn")):
+        assert "‖G − G′‖ / ‖G‖" in ax.get_title()
+        lines = ax.get_lines()
+        assert [ln.get_label() for ln in lines] == ["out"]  # fc, the first layer, is left out
+        np.testing.assert_allclose(lines[0].get_ydata(), values[run]["out"])
+    assert top[0].get_shared_y_axes().joined(top[0], top[1])

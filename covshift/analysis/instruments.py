@@ -19,7 +19,7 @@ ICS_LAYER_METRICS = ("ics_l2", "ics_rel", "ics_cos")
 ICS_RUN_METRICS = ("loss_variation", "grad_predictiveness", "beta_smoothness")
 #: The figures of the gradient-based measurements, drawn by :mod:`covshift.report.instrument_figures`.
 ICS_FILES = {"ics": "ics.png", "landscape": "landscape.png"}
-ICS_LABELS = {"ics_l2": "‖G − G′‖₂", "ics_cos": "cos(G, G′)", "loss_variation": "loss variation (max − min)",
+ICS_LABELS = {"ics_l2": "‖G − G′‖₂", "ics_rel": "‖G − G′‖ / ‖G‖", "ics_cos": "cos(G, G′)", "loss_variation": "loss variation (max − min)",
               "grad_predictiveness": "max ‖∇L(θ) − ∇L(θ − ηg)‖₂", "beta_smoothness": "effective β-smoothness"}
 ALL_METRICS = (*ICS_LAYER_METRICS, *ICS_RUN_METRICS, "grad_predictiveness_min", "landscape_loss_min",
                "landscape_loss_max")

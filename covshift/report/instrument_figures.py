@@ -11,44 +11,56 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 from ..analysis.instruments import ICS_FILES, ICS_LABELS, ICS_RUN_METRICS, measurements
 from ..store import Trace
 from . import style
 
 
-LAYER = ("ics_l2", "ics_cos")
+LAYER = ("ics_rel", "ics_cos")  # ics_rel is the quantity the claim uses
+
+
+def ics_figure(trace: Trace) -> Figure | None:
+    """The ``ics.png`` figure (see :func:`save_figures`), or None without ICS measurements."""
+    colors = style.run_colors(trace.runs)
+    layers = measurements(trace, LAYER)
+    if layers.empty:
+        return None
+    runs = [r for r in trace.runs if r in set(layers["run"])]
+    fig, axes = style.new_figure(len(LAYER), len(runs), sharex=True, sharey="row")
+    order = trace.layer_info()
+    for col, run in enumerate(runs):
+        names = [n for n in order.loc[order["run"] == run, "layer"] if n in set(layers["layer"])][1:]
+        shades = style.depth_colors(colors[run], len(names))
+        for row, metric in enumerate(LAYER):
+            ax = axes[row, col]
+            for name, shade in zip(names, shades):
+                rows = layers[(layers["run"] == run) & (layers["layer"] == name) & (layers["metric"] == metric)]
+                ax.plot(rows["step"], rows["value"], marker="o", markersize=3, color=shade,
+                        label=style.literal(name))
+            if metric == "ics_rel" and style.spans_decades(layers.loc[layers["metric"] == metric, "value"]):
+                ax.set_yscale("log")
+            ax.set_title(f"{style.literal(run)}: {ICS_LABELS[metric]} per layer")
+            ax.set_ylabel(ICS_LABELS[metric])
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+        axes[0, col].legend(title="layer", fontsize="x-small", ncol=2)
+    fig.suptitle("Internal covariate shift (Santurkar et al. 2018): gradient of a layer before (G) and after "
+                 "(G′) the layers below it take their step")
+    return fig
 
 
 def save_figures(trace: Trace, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
-    """``ics.png`` (per layer, ‖G − G′‖ and cos over training, one column per run, Santurkar
-    et al. Figure 5 style) and ``landscape.png`` (the three landscape measures over training,
+    """``ics.png`` (per layer, ‖G − G′‖ / ‖G‖ and cos over training, one column per run on shared
+    axes, each run's first layer left out since its ICS is 0 by definition; Santurkar et al.
+    Figure 5 style) and ``landscape.png`` (the three landscape measures over training,
     all runs per panel, their Figure 4 style); nothing when the trace holds no measurement."""
     out = Path(out_dir)
     written: dict[str, Path] = {}
     colors = style.run_colors(trace.runs)
-    layers = measurements(trace, LAYER)
-    if not layers.empty:
-        runs = [r for r in trace.runs if r in set(layers["run"])]
-        fig, axes = style.new_figure(len(LAYER), len(runs), sharex=True)
-        order = trace.layer_info()
-        for col, run in enumerate(runs):
-            names = [n for n in order.loc[order["run"] == run, "layer"] if n in set(layers["layer"])]
-            shades = style.depth_colors(colors[run], len(names))
-            for row, metric in enumerate(LAYER):
-                ax = axes[row, col]
-                for name, shade in zip(names, shades):
-                    rows = layers[(layers["run"] == run) & (layers["layer"] == name) & (layers["metric"] == metric)]
-                    ax.plot(rows["step"], rows["value"], marker="o", markersize=3, color=shade,
-                            label=style.literal(name))
-                if metric == "ics_l2" and style.spans_decades(layers.loc[layers["metric"] == metric, "value"]):
-                    ax.set_yscale("log")
-                ax.set_title(f"{style.literal(run)}: {ICS_LABELS[metric]} per layer")
-                ax.set_ylabel(ICS_LABELS[metric])
-                ax.set_xlabel("step")
-                ax.grid(alpha=0.3)
-            axes[0, col].legend(title="layer", fontsize="x-small", ncol=2)
-        fig.suptitle("Internal covariate shift (Santurkar et al. 2018): gradient of a layer before (G) and after "
-                     "(G′) the layers below it take their step")
+    fig = ics_figure(trace)
+    if fig is not None:
         written[ICS_FILES["ics"]] = style.save(fig, out / ICS_FILES["ics"])
     run_rows = measurements(trace, ICS_RUN_METRICS)
     if not run_rows.empty:

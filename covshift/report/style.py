@@ -51,7 +51,7 @@ def literal(text: object) -> str:
     return str(text).replace("$", r"\$")
 
 
-def new_figure(rows: int, cols: int, height: float = HEIGHT, **share: bool) -> tuple[Figure, np.ndarray]:
+def new_figure(rows: int, cols: int, height: float = HEIGHT, **share: bool | str) -> tuple[Figure, np.ndarray]:
     """A constrained-layout figure on an Agg canvas and its (rows, cols) axes grid."""
     fig = Figure(figsize=(WIDTH, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
