@@ -366,3 +366,18 @@ def test_end_to_end_on_a_recorded_trace(tmp_path):
     assert {"convergence", "stability", "generalization", "saturation", "gradient_flow", "covariate_shift",
             "divergence"} <= sections
     assert any("both runs share" in t for t in texts(a, "covariate_shift"))
+
+
+def test_relu_layers_are_not_ranked_as_saturated(tmp_path):
+    """ReLU behind BatchNorm is ~50% inactive by design: the ranking names the sigmoid."""
+    rows = loss_rows([1.0] * 4)
+    for step in range(4):
+        rows += [(step, "r", "saturation", 0.6), (step, "r", "gain", 0.4),
+                 (step, "s", "saturation", 0.2), (step, "s", "gain", 0.7)]
+    trace = build(tmp_path / "t.covshift", {"bn": {
+        "layers": [("r", "ReLU", "relu", None), ("s", "Sigmoid", "sigmoid", None)], "scalars": rows}})
+    a = analyze(trace)
+    assert set(a.saturation["layer"]) == {"r", "s"}  # both stay in the table
+    sentences = texts(a, "saturation")
+    assert sentences and all("`r`" not in t for t in sentences)
+    assert any("most saturated is `s` (sigmoid) at 20%" in t for t in sentences)

@@ -5,6 +5,11 @@ first step; ``first_step_above_half`` / ``first_step_above_90``: first step with
 > 0.5 / > 0.9; ``steps_above_half`` = fraction of recorded steps with saturation > 0.5;
 ``min_gain`` and its step; ``steps_gain_below_half`` = fraction of recorded steps with
 ``gain`` < 0.5 (the layer passes less than half the gradient it could).
+
+The findings rank only bounded nonlinearities (sigmoid, tanh, ...). ReLU-family layers
+(:data:`RELU_FAMILY`) are in the table but not ranked: their "saturation" is the inactive
+fraction, about half of the outputs by design behind BatchNorm, which is not the loss of
+gradient that saturation means for a bounded unit.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from .common import Finding
 SATURATED = 0.5            #: saturation above this counts as saturated
 HEAVILY_SATURATED = 0.9
 LOW_GAIN = 0.5             #: gain below this: less than half the gradient passes
+RELU_FAMILY = ("relu", "relu6", "leaky_relu")  #: nonlinearity kinds left out of the ranking
 
 
 def table(layer_frame: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
@@ -61,7 +67,7 @@ def _describe_layer(r: pd.Series) -> str:
 
 def findings(sat: pd.DataFrame, runs: list[str], pair: tuple[str, str] | None) -> list[Finding]:
     out = []
-    sat = sat[np.isfinite(sat["max_saturation"].to_numpy(dtype=float))]
+    sat = sat[np.isfinite(sat["max_saturation"].to_numpy(dtype=float)) & ~sat["nonlinearity"].isin(RELU_FAMILY)]
     for run in runs:
         s = sat[sat["run"] == run]
         if s.empty:
