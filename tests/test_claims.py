@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 import covshift
 from covshift.analysis import analyze
-from covshift.analysis.claims import CLAIMS, MARGIN, VERDICTS, claims
+from covshift.analysis.claims import CLAIMS, MARGIN, VERDICTS, Claim, claims, disagreement
 from covshift.analysis.intervals import accuracy_se, mean_interval
 from covshift.analysis.outcomes import classify
 from covshift.analysis.pairing import pairs
@@ -193,3 +193,14 @@ def test_gradient_based_rows_use_matched_layers_without_the_first(tmp_path):
     assert found["reduced internal covariate shift (gradient-based)"].per_seed == pytest.approx([expected])
     assert found["smoother loss landscape"].per_seed == pytest.approx([np.median(beta["bn"]) / np.median(beta["nobn"])])
     assert found["reduced internal covariate shift (distributional)"].verdict == "not measured"
+
+
+def test_the_report_explains_when_the_two_shift_measures_disagree():
+    def rows(dist: str, grad: str) -> list[Claim]:
+        return [Claim("reduced internal covariate shift (distributional)", dist, "", seeds=3),
+                Claim("reduced internal covariate shift (gradient-based)", grad, "", seeds=1)]
+    note = disagreement(rows("supported", "not supported"))
+    assert note and "distributional one is supported, the gradient-based one not supported (1 seed)" in note
+    assert "Santurkar" in note and "Ioffe" in note
+    assert disagreement(rows("supported", "supported")) is None
+    assert disagreement(rows("supported", "not measured")) is None

@@ -9,7 +9,7 @@ Each section has its module, which defines its quantities and writes its finding
 :mod:`.outcomes` (did each run train? read first), :mod:`.pairing` (which bn layer plays
 the role of which nobn layer), :mod:`.convergence`, :mod:`.stability`, :mod:`.generalization`, :mod:`.saturation`,
 :mod:`.gradient_flow`, :mod:`.covariate_shift` and :mod:`.divergence`. :mod:`.common` defines
-the loss they read and the pair of runs their findings compare. :mod:`.claims` checks the classic
+the loss they read and the seed pairs of bn and nobn runs (:func:`.common.seed_pairs`). :mod:`.claims` checks the classic
 BatchNorm claims against an analysis; :mod:`.sweep` analyses a sweep.
 """
 
@@ -77,7 +77,7 @@ def _analyze(trace: Trace) -> Analysis:
     raw = {run: common.series(run_frame, run, "loss") for run in runs}
     losses = {run: common.finite_part(*raw[run]) for run in runs}
     seeds = common.seed_pairs(trace)
-    pair = common.pair(trace)
+    pair = (str(seeds['bn'].iloc[0]), str(seeds['nobn'].iloc[0])) if len(seeds) else None  # what findings compare
     pairs = pairing.pairs(info, *pair) if pair else pd.DataFrame(columns=pairing.COLUMNS)
 
     conv = convergence.table(runs, losses)

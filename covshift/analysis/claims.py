@@ -24,8 +24,10 @@ has two trained runs the claim is ``not comparable``, with the reason; "faster
 convergence" is then ``supported`` in exactly the form "nobn did not train ...: BatchNorm
 made training possible" when bn trained in every such seed and nobn did not.
 
-The learning-rate and initialization claims come from a sweep
-(:mod:`covshift.analysis.sweep`), and are ``not measured`` without one.
+A claim whose quantity the trace does not hold (no ``--ics-every``, no detail steps, no
+validation metrics) is ``not measured``, whatever the outcomes. The learning-rate and
+initialization claims come from a sweep (:mod:`covshift.analysis.sweep_findings`) and are
+``not measured`` without one.
 """
 
 from __future__ import annotations

@@ -118,12 +118,6 @@ def seed_pairs(trace: Trace) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["seed", "bn", "nobn"])
 
 
-def pair(trace: Trace) -> tuple[str, str] | None:
-    """The first (bn, nobn) pair of :func:`seed_pairs`, the one the per-run findings compare."""
-    pairs = seed_pairs(trace)
-    return None if pairs.empty else (str(pairs["bn"].iloc[0]), str(pairs["nobn"].iloc[0]))
-
-
 def row(frame: pd.DataFrame, run: str) -> pd.Series | None:
     rows = frame[frame["run"] == run] if "run" in frame else frame.iloc[0:0]
     return None if rows.empty else rows.iloc[0]
