@@ -164,7 +164,9 @@ def test_identical_variants_over_three_seeds_get_no_supported_verdict(tmp_path):
     assert not [c for c in found if c.verdict == "supported"], [(c.claim, c.verdict, c.evidence) for c in found]
     decided = [c for c in found if c.per_seed]
     assert decided and all(v == pytest.approx(1.0) or v == pytest.approx(0.0) for c in decided for v in c.per_seed)
-    assert "**supported" not in (tmp_path / "report.md").read_text()
+    text = (tmp_path / "report.md").read_text()
+    assert "**supported" not in text
+    assert "The training-loss figure shows all 3 seeds" in text and "describe seed 0: runs `bn seed=0` and" in text
 
 
 def test_gradient_based_rows_use_matched_layers_without_the_first(tmp_path):

@@ -422,3 +422,33 @@ def test_ics_figure_shows_ics_rel_without_the_first_layer(tmp_path):
         assert [ln.get_label() for ln in lines] == ["out"]  # fc, the first layer, is left out
         np.testing.assert_allclose(lines[0].get_ydata(), values[run]["out"])
     assert top[0].get_shared_y_axes().joined(top[0], top[1])
+
+
+def test_seed_bands_on_the_loss_curves(tmp_path):
+    """With three seed pairs each variant is one line, the mean of the seeds' trailing-mean
+    losses, in a band from the lowest to the highest seed (computed here with pandas)."""
+    writer = TraceWriter(tmp_path / "seeds.covshift")
+    rng = np.random.default_rng(3)
+    expected = {}
+    for seed in range(3):
+        for variant, rate in (("bn", 0.9), ("nobn", 0.97)):
+            run = f"{variant} seed={seed}"
+            rid = writer.add_run(run, {"variant": variant, "seed": seed})
+            loss = 2.0 * rate ** np.arange(100) * np.exp(rng.normal(0, 0.1, 100))
+            writer.write(rid, [(s, "", "loss", float(v)) for s, v in enumerate(loss)], [], [])
+            expected.setdefault(variant, []).append(pd.Series(loss).rolling(2, min_periods=1).mean())  # w = 2
+    writer.close()
+    fig = figures.training_loss(covshift.load(tmp_path / "seeds.covshift"))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["run bn (3 seeds)", "run nobn (3 seeds)"]
+    for variant, band in zip(("bn", "nobn"), ax.collections):
+        table = pd.concat(expected[variant], axis=1)
+        (line,) = [ln for ln in ax.get_lines() if ln.get_label() == f"{variant} (3 seeds)"]
+        np.testing.assert_allclose(line.get_ydata(), table.mean(axis=1), rtol=1e-12)
+        assert mcolors.to_hex(line.get_color()) == style.PALETTE[variant]
+        vertices = band.get_paths()[0].vertices
+        low, high = table.min(axis=1).to_numpy(), table.max(axis=1).to_numpy()
+        assert np.isclose(vertices[:, 1], low[:, None], rtol=1e-12).any(axis=0).sum() >= 100
+        assert np.isclose(vertices[:, 1], high[:, None], rtol=1e-12).any(axis=0).sum() >= 100
+        assert low.min() < high.max() and (high - low).max() > 0.01
+    assert "band: lowest to highest seed" in fig._suptitle.get_text()

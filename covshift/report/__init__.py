@@ -28,7 +28,7 @@ from ..analysis.sweep import RunView, analyze_sweep, default_pair
 from ..analysis.sweep_findings import pair_folder
 from ..store import Trace, load
 from . import instrument_figures, markdown, sweep_figures
-from .figures import save_all
+from .figures import FILES, save_all
 from .html import to_html
 
 
@@ -45,8 +45,16 @@ def report(trace: Trace | str | os.PathLike[str], out_dir: str | os.PathLike[str
         names = default_pair(t, sweep) if sweep is not None else None
         view = RunView(t, names) if names is not None else t  # a sweep: its pair under bn/nobn
         a = analyze(view)
-        figures = save_all(view, a.covariate_shift, folder)
-        figures.update(instrument_figures.save_figures(view, folder))
+        if sweep is None and len(a.seeds) > 1:  # the loss curves show every seed, the rest the first pair
+            first = [str(a.seeds[v].iloc[0]) for v in ("bn", "nobn")]
+            figures = save_all(view, None, folder, only=("training_loss",))
+            shown: Trace = RunView(t, {run: run for run in first})
+            shift = a.covariate_shift[a.covariate_shift["run"].isin(first)]
+            figures.update(save_all(shown, shift, folder, only=tuple(k for k in FILES if k != "training_loss")))
+        else:
+            shown = view
+            figures = save_all(view, a.covariate_shift, folder)
+        figures.update(instrument_figures.save_figures(shown, folder))
         if sweep is not None:
             figures.update(sweep_figures.save_sweep_figures(sweep, folder))
             for finding in sweep.findings:  # the pairs that fail one way: their own diagnostics

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from typing import Any
 from pathlib import Path
 
 import matplotlib
@@ -62,42 +63,74 @@ def _diverged_at(trace: Trace, run: str, steps: np.ndarray, loss: np.ndarray) ->
     return int(steps[bad][0]) if bad.any() else None
 
 
+def _groups(trace: Trace) -> dict[str, list[str]]:
+    """What the loss figure draws as one curve: with two or more seed pairs
+    (:func:`covshift.analysis.common.seed_pairs`) each variant's runs, labelled e.g.
+    "bn (3 seeds)"; every other run alone."""
+    seeds = common.seed_pairs(trace)
+    if len(seeds) < 2:
+        return {run: [run] for run in trace.runs}
+    groups = {f"{v} ({len(seeds)} seeds)": [str(r) for r in seeds[v]] for v in ("bn", "nobn")}
+    paired = {r for runs in groups.values() for r in runs}
+    groups.update({run: [run] for run in trace.runs if run not in paired})
+    return groups
+
+
+def _band(ax: Any, curves: list[tuple[np.ndarray, np.ndarray]], color: str, label: str, style_: str) -> None:
+    """One curve per group: the line alone, or the mean over its runs with a min–max band."""
+    if len(curves) == 1:
+        ax.plot(*curves[0], style_, color=color, lw=1.8 if style_ == "-" else 1.4, ms=3.5, label=label)
+        return
+    table = pd.concat([pd.Series(v, index=s) for s, v in curves if len(s)], axis=1).sort_index()
+    if table.empty:
+        return
+    steps = table.index.to_numpy()
+    ax.fill_between(steps, table.min(axis=1), table.max(axis=1), color=color, alpha=0.2, lw=0)
+    ax.plot(steps, table.mean(axis=1), style_, color=color, lw=1.8 if style_ == "-" else 1.4, ms=3.5, label=label)
+
+
 # figures ---------------------------------------------------------------------------------
 def training_loss(trace: Trace) -> Figure:
-    """Training loss per step (light: raw, line: moving average), validation loss and
-    validation accuracy, every run in each of three side-by-side panels."""
-    runs = trace.runs
-    colors = style.run_colors(runs)
+    """Training loss per step (light: raw, line: the analysis's trailing mean), validation loss
+    and validation accuracy, in three side-by-side panels. With several seed pairs each variant
+    is one line, the mean over its seeds, in a band from the lowest to the highest seed."""
+    groups = _groups(trace)
+    colors = style.run_colors(list(groups))
     fig, axes = style.new_figure(1, 3)
     ax_loss, ax_vloss, ax_vacc = axes[0]
     frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy"])
     windows = []
     collected: dict[str, list[np.ndarray]] = {"loss": [], "val_loss": [], "val_accuracy": []}
-    for run in runs:
-        mine = frame[frame["run"] == run]
-        loss = mine[mine["metric"] == "loss"].sort_values("step")
-        steps, raw = loss["step"].to_numpy(), loss["value"].to_numpy(dtype=float)
-        values = style.finite(raw)
-        collected["loss"].append(values)
-        kept_steps, kept = common.finite_part(steps, raw)  # what the analysis smooths, the same way
-        windows.append(common.window(len(kept)))
-        if windows[-1] > 1:
-            ax_loss.plot(steps, values, color=colors[run], alpha=0.25, lw=0.7)
-        ax_loss.plot(kept_steps, common.smooth(kept), color=colors[run], lw=1.8, label=style.literal(run))
-        at = _diverged_at(trace, run, steps, raw)
-        finite = ~np.isnan(values)
-        if at is not None and finite.any():
-            last = np.flatnonzero(finite)[-1]
-            ax_loss.plot(steps[last], values[last], "x", color=colors[run], ms=9, mew=2)
-            ax_loss.annotate(f"{style.literal(run)} diverged at step {at}", (steps[last], values[last]),
-                             xytext=(-4, 8), textcoords="offset points", ha="right", fontsize=7,
-                             color=colors[run])
-        for metric, ax in (("val_loss", ax_vloss), ("val_accuracy", ax_vacc)):
-            rows = mine[mine["metric"] == metric].sort_values("step")
-            v = style.finite(rows["value"].to_numpy(dtype=float))
-            collected[metric].append(v)
-            if v.size:
-                ax.plot(rows["step"], v, "o-", color=colors[run], ms=3.5, lw=1.4, label=style.literal(run))
+    for label, runs in groups.items():
+        color = colors[label]
+        curves: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {"loss": [], "val_loss": [], "val_accuracy": []}
+        for run in runs:
+            mine = frame[frame["run"] == run]
+            loss = mine[mine["metric"] == "loss"].sort_values("step")
+            steps, raw = loss["step"].to_numpy(), loss["value"].to_numpy(dtype=float)
+            values = style.finite(raw)
+            collected["loss"].append(values)
+            kept_steps, kept = common.finite_part(steps, raw)  # what the analysis smooths, the same way
+            windows.append(common.window(len(kept)))
+            if windows[-1] > 1 and len(runs) == 1:
+                ax_loss.plot(steps, values, color=color, alpha=0.25, lw=0.7)
+            curves["loss"].append((kept_steps, common.smooth(kept)))
+            at = _diverged_at(trace, run, steps, raw)
+            finite = ~np.isnan(values)
+            if at is not None and finite.any():
+                last = np.flatnonzero(finite)[-1]
+                ax_loss.plot(steps[last], values[last], "x", color=color, ms=9, mew=2)
+                ax_loss.annotate(f"{style.literal(run)} diverged at step {at}", (steps[last], values[last]),
+                                 xytext=(-4, 8), textcoords="offset points", ha="right", fontsize=7, color=color)
+            for metric in ("val_loss", "val_accuracy"):
+                rows = mine[mine["metric"] == metric].sort_values("step")
+                v = style.finite(rows["value"].to_numpy(dtype=float))
+                collected[metric].append(v)
+                if v.size:
+                    curves[metric].append((rows["step"].to_numpy(), v))
+        for metric, ax, line in (("loss", ax_loss, "-"), ("val_loss", ax_vloss, "o-"), ("val_accuracy", ax_vacc, "o-")):
+            if curves[metric]:
+                _band(ax, curves[metric], color, style.literal(label), line)
     window = max(windows, default=1)
     title = "training loss" + (f" (line: trailing mean over {window} steps, as the analysis)" if window > 1 else "")
     panels = ((ax_loss, "loss", title, "training loss"),
@@ -120,8 +153,10 @@ def training_loss(trace: Trace) -> Figure:
     if np.isfinite(acc).any() and np.nanmax(acc) <= 1.0 and np.nanmin(acc) >= 0.0:
         ax_vacc.yaxis.set_major_formatter(PercentFormatter(1.0))
         ax_vacc.set_ylabel("validation accuracy (%)")
-    fig.suptitle("Training and validation loss per run", fontsize=11)
-    style.run_legend(fig, runs, colors)
+    several = any(len(r) > 1 for r in groups.values())
+    fig.suptitle("Training and validation loss per run" + (" (line: mean over seeds; band: lowest to highest seed)"
+                                                          if several else ""), fontsize=11)
+    style.run_legend(fig, list(groups), colors)
     return fig
 
 

@@ -38,12 +38,20 @@ MASKED = "#d9d9d9"  # masked heat-map cells
 
 
 # helpers ---------------------------------------------------------------------------------
+def variant(run: str) -> str | None:
+    """"bn" or "nobn" when the run's name is one of them or starts with one and a space, as
+    the runs of ``covshift trace --seeds`` (``bn seed=1``) and ``covshift sweep`` are named."""
+    first = str(run).split(" ", 1)[0]
+    return first if first in PALETTE else None
+
+
 def run_colors(runs: Sequence[str]) -> dict[str, str]:
-    """One colour per run: ``PALETTE`` for "bn" and "nobn", other runs take the remaining
-    seaborn "colorblind" colours in the order given (the order of ``trace.runs``)."""
-    others = [r for r in runs if r not in PALETTE]
+    """One colour per run: ``PALETTE`` for the bn and nobn runs (:func:`variant`: every seed of
+    a variant shares its colour), other runs take the remaining seaborn "colorblind" colours
+    in the order given (the order of ``trace.runs``)."""
+    others = [r for r in runs if variant(r) is None]
     colors = {r: _OTHER_COLORS[i % len(_OTHER_COLORS)] for i, r in enumerate(others)}
-    return {r: PALETTE.get(r, colors.get(r, "")) for r in runs}
+    return {r: PALETTE[v] if (v := variant(r)) else colors[r] for r in runs}
 
 
 def literal(text: object) -> str:
