@@ -194,9 +194,10 @@ def test_axis_units_and_labels(trace):
     assert ticks == ["fc1 (Linear)", "fc1_bn (BatchNorm1d)", "act1 (Tanh)", "fc2 (Linear)"]  # forward order
 
 
-def test_default_layers_are_the_last_nonlinearity(trace):
+def test_percentiles_show_the_input_of_each_nonlinearity_by_role(trace):
     fig = figures.percentiles(trace)
-    assert [ax.get_title() for ax in fig.axes] == ["bn: layer act1 (Tanh)", "nobn: layer act1 (Tanh)"]
+    assert [ax.get_title() for ax in fig.axes] == ["bn: input to nonlinearity 1 (fc1_bn, BatchNorm1d)",
+                                                   "nobn: input to nonlinearity 1 (fc1, Linear)"]
     fig = figures.percentiles(trace, layer="fc1_bn")  # only in the bn run
     assert "no percentiles of layer fc1_bn in run nobn" in texts(fig)
     with pytest.raises(ValueError, match="no layer 'nope'"):
@@ -452,3 +453,38 @@ def test_seed_bands_on_the_loss_curves(tmp_path):
         assert np.isclose(vertices[:, 1], high[:, None], rtol=1e-12).any(axis=0).sum() >= 100
         assert low.min() < high.max() and (high - low).max() > 0.01
     assert "band: lowest to highest seed" in fig._suptitle.get_text()
+
+
+def test_percentiles_figure_is_ioffe_figure_1(tmp_path):
+    """Rows: the inputs of the first, middle and last of five nonlinearities, matched by role
+    (bn: its BatchNorm outputs, nobn: its Linear outputs, names differ); columns: bn, nobn on
+    a shared y axis per row; the lines are the recorded percentiles of exactly those layers."""
+    writer = TraceWriter(tmp_path / "t.covshift")
+    rng = np.random.default_rng(1)
+    recorded = {}
+    for variant in ("bn", "nobn"):
+        rid = writer.add_run(variant, {"variant": variant, "seed": 0})
+        layers = []
+        for k in range(5):
+            layers += [(f"{variant}fc{k}", "Linear", None)] + ([(f"bnorm{k}", "BatchNorm1d", None)] if variant == "bn"
+                                                               else []) + [(f"{variant}act{k}", "Sigmoid", "sigmoid")]
+        rows = []
+        for pos, (name, kind, nl) in enumerate(layers):
+            writer.add_layer(rid, name, kind, nl, pos, None)
+            values = np.sort(rng.normal(pos, 1.0, (20, 3)), axis=1)
+            recorded[(variant, name)] = values
+            rows += [(s, name, q, float(values[s, i])) for s in range(20) for i, q in enumerate(("p15", "p50", "p85"))]
+        writer.write(rid, rows, [], [])
+    writer.close()
+    fig = figures.percentiles(covshift.load(tmp_path / "t.covshift"))
+    axes = np.array(fig.axes).reshape(3, 2)
+    expected = {"bn": ["bnorm0", "bnorm2", "bnorm4"], "nobn": ["nobnfc0", "nobnfc2", "nobnfc4"]}
+    for row, k in enumerate((1, 3, 5)):
+        for col, variant in enumerate(("bn", "nobn")):
+            ax, layer = axes[row, col], expected[variant][row]
+            assert ax.get_title().startswith(f"{variant}: input to nonlinearity {k} ({layer}, ")
+            lines = {ln.get_label(): ln.get_ydata() for ln in ax.get_lines()}
+            np.testing.assert_array_equal(lines["15th percentile"], recorded[(variant, layer)][:, 0])
+            np.testing.assert_array_equal(lines["85th percentile"], recorded[(variant, layer)][:, 2])
+        assert axes[row, 0].get_shared_y_axes().joined(axes[row, 0], axes[row, 1])
+    assert "Ioffe & Szegedy 2015, Fig. 1" in fig._suptitle.get_text()

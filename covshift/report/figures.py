@@ -24,7 +24,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator, PercentFormatter
 
-from ..analysis import common
+from ..analysis import common, pairing
 from ..store import Trace
 from . import style
 from .distribution_figures import covariate_shift, histograms
@@ -200,44 +200,80 @@ def activations(trace: Trace) -> Figure:
     return fig
 
 
+DEPTHS = (0.0, 0.5, 1.0)  #: the nonlinearities whose input percentiles.png shows: first, middle, last
+
+
+def _inputs(trace: Trace, runs: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """Rows of percentiles.png: (role, {run: layer}) for the inputs of the first, middle and
+    last nonlinearity (:mod:`covshift.analysis.pairing`; a bn and a nobn run matched by role,
+    any other run by its own order); [] when a run has no recorded nonlinearity input."""
+    info = trace.layer_info()
+    seeds = common.seed_pairs(trace)
+    mates = {r: r for r in runs}
+    if len(seeds) and {str(seeds["bn"].iloc[0]), str(seeds["nobn"].iloc[0])} <= set(runs):
+        mates[str(seeds["nobn"].iloc[0])] = str(seeds["bn"].iloc[0])
+    per_run = {}
+    for run in runs:
+        table = pairing.pairs(info, mates[run], run)
+        per_run[run] = table.loc[table["kind"] == "input", "nobn"].astype(str).tolist()
+    count = min((len(v) for v in per_run.values()), default=0)
+    if count == 0:
+        return []
+    picks = list(dict.fromkeys(round(f * (count - 1)) for f in DEPTHS))
+    return [(f"input to nonlinearity {k + 1}", {run: per_run[run][k] for run in runs}) for k in picks]
+
+
 def percentiles(trace: Trace, layer: str | None = None) -> Figure:
-    """15th, 50th and 85th percentiles of one layer's output over training, one panel per
-    run (Ioffe & Szegedy 2015, Fig. 1 style). Default: each run's last nonlinearity layer
-    (the same layer in paired runs), else its last layer."""
+    """15th, 50th and 85th percentiles over training, one column per run on a shared y axis per
+    row (Ioffe & Szegedy 2015, Fig. 1): by default of the *inputs* of the first, middle and last
+    nonlinearity (one row each; the BatchNorm output in bn, the Linear/Conv output in nobn),
+    else of ``layer``; a run without a recorded nonlinearity input shows its last layer."""
     runs, info = trace.runs, trace.layer_info()
     colors = style.run_colors(runs)
     if layer is not None and layer not in set(info["layer"]):
         raise ValueError(f"no layer {layer!r} in {trace.path}; layers: {', '.join(trace.layers)}")
-    fig, axes = style.new_figure(1, max(1, len(runs)), sharey=True)
-    everything: list[np.ndarray] = []
-    for ax, run in zip(axes[0], runs):
-        name = layer if layer is not None else style.pick_layers(info, run, [1.0])[0]
-        kind = style.layer_type(info, run, name) if name is not None else ""
-        ax.set_title(f"{style.literal(run)}: layer {style.literal(name)}"
-                     + (f" ({style.literal(kind)})" if kind else ""), fontsize=10)
-        ax.set_xlabel("step")
-        ax.set_ylabel("output value")
-        metrics = ["p15", "p50", "p85"]
-        wide = _wide(trace.scalars(run=run, layer=name, metric=metrics)) if name is not None else pd.DataFrame()
-        if wide.empty:
-            style.empty(ax, f"no percentiles of layer {name} in run {run}")
-            continue
-        data = wide.loc[name]
-        steps = data.index.to_numpy()
-        p = {q: style.finite(data[q]) if q in data else np.full(len(steps), np.nan) for q in ("p15", "p50", "p85")}
-        color = colors[run]
-        ax.fill_between(steps, p["p15"], p["p85"], color=color, alpha=0.15, lw=0)
-        ax.plot(steps, p["p85"], "--", color=color, lw=1, label="85th percentile")
-        ax.plot(steps, p["p50"], "-", color=color, lw=1.8, label="50th (median)")
-        ax.plot(steps, p["p15"], ":", color=color, lw=1.2, label="15th percentile")
-        everything += list(p.values())
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-        if not everything[:-3]:  # the first panel with data explains the lines
-            ax.legend(fontsize=7, loc="best")
-    if everything:
-        style.robust_scale(axes[0][0], np.concatenate(everything))
-    fig.suptitle("Distribution of one layer's output over training (15th, 50th, 85th percentiles)", fontsize=11)
+    rows = [("layer", {run: layer for run in runs})] if layer is not None else _inputs(trace, runs)
+    if not rows:
+        rows = [("last layer", {run: style.pick_layers(info, run, [1.0])[0] for run in runs})]
+    fig, axes = style.new_figure(len(rows), max(1, len(runs)), height=max(style.HEIGHT, 2.8 * len(rows) + 0.8),
+                                 sharex="col", sharey="row")
+    explained = False
+    for i, (role, names) in enumerate(rows):
+        everything: list[np.ndarray] = []
+        for ax, run in zip(axes[i], runs):
+            name = names[run]
+            kind = style.layer_type(info, run, name) if name is not None else ""
+            if role.startswith("input"):
+                what = f"{role} ({style.literal(name)}" + (f", {style.literal(kind)})" if kind else ")")
+            else:
+                what = f"layer {style.literal(name)}" + (f" ({style.literal(kind)})" if kind else "")
+            ax.set_title(f"{style.literal(run)}: {what}", fontsize=9)
+            if i == len(rows) - 1:
+                ax.set_xlabel("step")
+            ax.set_ylabel("value")
+            wide = _wide(trace.scalars(run=run, layer=name, metric=["p15", "p50", "p85"])) if name else pd.DataFrame()
+            if wide.empty:
+                style.empty(ax, f"no percentiles of layer {name} in run {run}")
+                continue
+            data = wide.loc[name]
+            steps = data.index.to_numpy()
+            p = {q: style.finite(data[q]) if q in data else np.full(len(steps), np.nan) for q in ("p15", "p50", "p85")}
+            color = colors[run]
+            ax.fill_between(steps, p["p15"], p["p85"], color=color, alpha=0.15, lw=0)
+            ax.plot(steps, p["p85"], "--", color=color, lw=1, label="85th percentile")
+            ax.plot(steps, p["p50"], "-", color=color, lw=1.8, label="50th (median)")
+            ax.plot(steps, p["p15"], ":", color=color, lw=1.2, label="15th percentile")
+            everything += list(p.values())
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.grid(alpha=0.3)
+            if not explained:  # the first panel with data explains the lines
+                ax.legend(fontsize=7, loc="best")
+                explained = True
+        if everything:
+            style.robust_scale(axes[i][0], np.concatenate(everything))
+    fig.suptitle("15th, 50th and 85th percentiles over training"
+                 + (" of the inputs of the first, middle and last nonlinearity (Ioffe & Szegedy 2015, Fig. 1)"
+                    if rows[0][0].startswith("input") else ""), fontsize=11)
     style.run_legend(fig, runs, colors)
     return fig
 
