@@ -488,3 +488,34 @@ def test_percentiles_figure_is_ioffe_figure_1(tmp_path):
             np.testing.assert_array_equal(lines["85th percentile"], recorded[(variant, layer)][:, 2])
         assert axes[row, 0].get_shared_y_axes().joined(axes[row, 0], axes[row, 1])
     assert "Ioffe & Szegedy 2015, Fig. 1" in fig._suptitle.get_text()
+
+
+def test_landscape_figure_draws_min_max_bands(tmp_path):
+    """Santurkar et al. Fig. 4: per run a band from the lowest to the highest loss (and gradient
+    change) over the step sizes, at each measured step; β-smoothness as a line."""
+    from covshift.report.instrument_figures import landscape_figure
+    writer = TraceWriter(tmp_path / "l.covshift")
+    rng = np.random.default_rng(2)
+    values = {}
+    for run in ("bn", "nobn"):
+        rid = writer.add_run(run, {"variant": run})
+        low = rng.uniform(0.5, 1.0, 5)
+        v = {"landscape_loss_min": low, "landscape_loss_max": low + rng.uniform(0.1, 0.5, 5),
+             "grad_predictiveness_min": rng.uniform(0.0, 0.1, 5), "grad_predictiveness": rng.uniform(0.2, 0.4, 5),
+             "beta_smoothness": rng.uniform(1, 3, 5)}
+        v["loss_variation"] = v["landscape_loss_max"] - v["landscape_loss_min"]
+        values[run] = v
+        writer.write(rid, [(10 * k, "", m, float(x)) for m, xs in v.items() for k, x in enumerate(xs)], [], [])
+    writer.close()
+    fig = landscape_figure(covshift.load(tmp_path / "l.covshift"))
+    loss_ax, pred_ax, beta_ax = fig.axes[:3]
+    for ax, (lo, hi) in ((loss_ax, ("landscape_loss_min", "landscape_loss_max")),
+                         (pred_ax, ("grad_predictiveness_min", "grad_predictiveness"))):
+        assert "band: min to max" in ax.get_title()
+        for band, run in zip(ax.collections, ("bn", "nobn")):
+            y = band.get_paths()[0].vertices[:, 1]
+            for bound in (lo, hi):
+                assert np.isclose(y[:, None], values[run][bound][None, :], rtol=1e-12).any(axis=0).all()
+            assert y.min() == pytest.approx(values[run][lo].min()) and y.max() == pytest.approx(values[run][hi].max())
+    for line, run in zip(beta_ax.get_lines(), ("bn", "nobn")):
+        np.testing.assert_allclose(line.get_ydata(), values[run]["beta_smoothness"])
