@@ -105,7 +105,7 @@ def empty(ax: Axes, message: str) -> None:
 def run_legend(fig: Figure, runs: Sequence[str], colors: dict[str, str]) -> None:
     """A figure legend mapping each run's colour to its name."""
     handles = [Line2D([], [], color=colors[r], lw=2.5) for r in runs]
-    fig.legend(handles, [f"run {literal(r)}" for r in runs], loc="outside upper right",
+    fig.legend(handles, [f"run {literal(r)}" for r in runs], loc="outside lower center",
                ncol=max(1, len(runs)), frameon=False, fontsize=9)
 
 
