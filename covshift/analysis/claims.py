@@ -18,6 +18,12 @@ seed, the *effect*:
 
 With one seed the point estimate decides and the verdict is labelled ``(1 seed)``.
 
+**Effects the measure cannot resolve decide nothing.** A seed's measure may say its effect
+is unresolved (:attr:`Measure.unresolved`): for the distributional covariate shift, both
+runs' shifts below :data:`covshift.analysis.covariate_shift.BASELINE_FACTOR` × their
+sampling-noise baseline, where bn / nobn is a ratio of noises. Any such seed makes the claim
+``inconclusive``, with the reason and how many seeds it concerns.
+
 **Run outcomes come first.** Dynamics claims (every claim here but the sweep's) use only
 the seeds whose two runs both trained (:mod:`covshift.analysis.outcomes`). Where no seed
 has two trained runs the claim is ``not comparable``, with the reason; "faster
