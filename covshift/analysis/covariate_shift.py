@@ -35,9 +35,10 @@ over the units whose four statistics are finite:
 ``mean_w2_first``, ``mean_w1_first``, ``mean_baseline``); its rows with ``layer == ""``
 average those over the run's *nonlinearity inputs* (the layer recorded just before each
 nonlinearity, :func:`covshift.analysis.pairing.nonlinearity_inputs`), never over output
-logits, pooling or Flatten. The findings and the claim use those inputs only:
-:func:`mean_shift` for one run, :func:`pair_shift` for the role-matched inputs of a bn and
-a nobn run. A shift is *within noise* when it is below :data:`BASELINE_FACTOR` × its baseline.
+logits, pooling or Flatten. The findings and the claim use those inputs only: each run's
+mean over its inputs with a finite ``w2``, and :func:`pair_shift` over the role-matched inputs
+of a bn and a nobn run. A mean :class:`Shift` is *within noise* when it is below
+:data:`BASELINE_FACTOR` × its mean baseline.
 """
 
 from __future__ import annotations
@@ -185,23 +186,20 @@ def summary(runs: list[str], shift: pd.DataFrame, info: pd.DataFrame) -> pd.Data
 
 
 def _means(summary: pd.DataFrame, run: str, layers: list[str]) -> Shift:
-    """The mean ``mean_w2_prev`` and ``mean_baseline`` over ``layers`` of ``run``."""
-    rows = summary[(summary["run"] == run) & (summary["layer"] != "")].set_index("layer")
-    rows = rows.loc[[layer for layer in layers if layer in rows.index]]
-    baselines = common.finite(rows["mean_baseline"].to_numpy(dtype=float))
-    value = float(rows["mean_w2_prev"].mean()) if len(rows) else math.nan
-    return Shift(value, float(baselines.mean()) if len(baselines) == len(rows) > 0 else math.nan, len(rows))
+    """The mean ``mean_w2_prev`` and ``mean_baseline`` over ``layers`` of ``run`` (the
+    baseline NaN unless every layer has one)."""
+    rows = summary[(summary["run"] == run) & summary["layer"].isin(layers)]
+    if rows.empty:
+        return Shift(math.nan, math.nan, 0)
+    baselines = rows["mean_baseline"].to_numpy(dtype=float)
+    baseline = float(baselines.mean()) if np.isfinite(baselines).all() else math.nan
+    return Shift(float(rows["mean_w2_prev"].mean()), baseline, len(rows))
 
 
 def _finite_w2(summary: pd.DataFrame, run: str, layers: list[str]) -> list[str]:
     rows = summary[(summary["run"] == run) & summary["layer"].isin(layers)]
     ok = set(rows.loc[np.isfinite(rows["mean_w2_prev"].to_numpy(dtype=float)), "layer"])
     return [layer for layer in layers if layer in ok]
-
-
-def mean_shift(summary: pd.DataFrame, info: pd.DataFrame, run: str) -> Shift:
-    """The run's mean ``w2_prev`` and baseline over its nonlinearity inputs that have a finite ``w2``."""
-    return _means(summary, run, _finite_w2(summary, run, nonlinearity_inputs(info, run)))
 
 
 def pair_shift(summary: pd.DataFrame, pairs: pd.DataFrame, bn: str, nobn: str) -> tuple[Shift, Shift]:
@@ -226,11 +224,11 @@ def findings(summary: pd.DataFrame, info: pd.DataFrame, pairs: pd.DataFrame, run
     both runs' shifts over the matched inputs."""
     out = []
     for run in runs:
-        s = mean_shift(summary, info, run)
-        if not s.layers:
+        layers = _finite_w2(summary, run, nonlinearity_inputs(info, run))
+        if not layers:
             continue
-        rows = summary[(summary["run"] == run) & summary["layer"].isin(_finite_w2(summary, run,
-                                                                                  nonlinearity_inputs(info, run)))]
+        s = _means(summary, run, layers)
+        rows = summary[(summary["run"] == run) & summary["layer"].isin(layers)]
         top = rows.loc[rows["mean_w2_prev"].idxmax()]
         which = f"inputs of its {s.layers} nonlinearities shift" if s.layers > 1 else "input of its nonlinearity shifts"
         text = (f"In the {run} run the {which} by W2 {common.num(s.value)} per detail interval on average "
