@@ -20,16 +20,16 @@ over the units whose four statistics are finite:
   layer's ``std`` at r (over all its values, so between-unit spread counts: it is small
   only for a layer constant as a whole); NaN when a histogram is empty or that std is
   missing, 0 or non-finite.
-- ``baseline`` = the value ``w2_prev`` takes from sampling noise alone: two exact estimates
-  of the same Gaussian unit from independent samples (fresh mini-batches) of n_t and n_r elements (the ``unit_count`` metric: batch
-  rows for a Linear output, batch × positions for a conv channel) differ by
-  E W2_u² = 1.5 σ_u² (1/n_t + 1/n_r) (the means by σ²/n each, the stds by σ²/(2n) each),
-  so ``baseline`` = √(1.5 (1/n_t + 1/n_r)) × √(mean_u v_ur) / s_r, which is √(3/n) for
-  equal counts when the floor is not reached. NaN where ``unit_count`` is not recorded
-  (traces from before it). It assumes independent, Gaussian elements: correlated positions
-  of a conv channel or heavy tails raise the real noise above it; the same batch at every
-  step (full-batch training) and a BatchNorm output in training mode (each unit's batch
-  mean and variance fixed) have less noise than it.
+- ``baseline`` = the value ``w2_prev`` takes from sampling noise alone. Two exact estimates
+  of the same Gaussian unit from independent samples (fresh mini-batches) of n_t and n_r
+  elements (the ``unit_count`` metric: batch rows for a Linear output, batch × positions for
+  a conv channel) differ by E W2_u² = 1.5 σ_u² (1/n_t + 1/n_r) (the means by σ²/n each, the
+  stds by σ²/(2n) each), so ``baseline`` = √(1.5 (1/n_t + 1/n_r)) × √(mean_u v_ur) / s_r,
+  which is √(3/n) for equal counts when the floor is not reached. NaN where ``unit_count``
+  is not recorded (traces from before it). It assumes independent, Gaussian elements:
+  correlated positions of a conv channel or heavy tails raise the real noise above it; the
+  same batch at every step (full-batch training) and a BatchNorm output in training mode
+  (each unit's batch mean and variance fixed) have less noise than it.
 
 ``summary`` averages each layer's values over its steps (``mean_w2_prev``, ``mean_w1_prev``,
 ``mean_w2_first``, ``mean_w1_first``, ``mean_baseline``); its rows with ``layer == ""``
@@ -135,7 +135,8 @@ def _histograms(h: pd.DataFrame | None) -> dict[int, tuple[np.ndarray, np.ndarra
 
 def _at(layer_frame: pd.DataFrame, metric: str) -> dict[tuple[str, str, int], float]:
     rows = layer_frame[layer_frame["metric"] == metric]
-    return {(r, name, int(s)): float(v) for r, name, s, v in zip(rows["run"], rows["layer"], rows["step"], rows["value"])}
+    return {(r, name, int(s)): float(v)
+            for r, name, s, v in zip(rows["run"], rows["layer"], rows["step"], rows["value"])}
 
 
 def table(units: pd.DataFrame, hists: pd.DataFrame, layer_frame: pd.DataFrame,

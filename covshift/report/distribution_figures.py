@@ -79,8 +79,9 @@ def covariate_shift(trace: Trace, shift: pd.DataFrame | None) -> Figure:
     for row, (metric, _) in enumerate(metrics):
         if style.spans_decades(shift[metric].to_numpy(dtype=float)):
             axes[row][0].set_yscale("log")
+    note = "\n(dashed: the W₂ of sampling noise alone)" if noisy else ""
     fig.suptitle("Internal covariate shift: how far each layer's output distribution moves "
-                 "between detail steps" + ("\n(dashed: the W₂ of sampling noise alone)" if noisy else ""), fontsize=11)
+                 "between detail steps" + note, fontsize=11)
     style.run_legend(fig, runs, colors)
     return fig
 
