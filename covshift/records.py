@@ -132,8 +132,8 @@ class StepRecord:
         in their number of units gets none."""
         out = []
         for name, ls in self.layers.items():
-            parts = [self.slots.get(h).reshape(3, -1) for h in ls.units]
-            if not parts or len({p.shape for p in parts}) > 1:
+            parts = unit_parts(ls, self.slots)
+            if not parts:
                 continue
             merged = (0, 0.0, 0.0)
             for count, (c, s1, s2) in zip(ls.unit_counts, parts):
@@ -189,6 +189,13 @@ def summarize(records: list[StepRecord], kinds: dict[str, stats.Nonlinearity | N
             ls.summary = summary
 
 
+def unit_parts(ls: LayerStep, slots: Slots) -> list[np.ndarray]:
+    """The per-call unit sums (3 × units each) of a fetched layer, or none when there are
+    none or the calls differ in their number of units."""
+    parts = [slots.get(h).reshape(3, -1) for h in ls.units]
+    return parts if len({p.shape for p in parts}) == 1 else []
+
+
 def layer_metrics(ls: LayerStep, slots: Slots, has_kind: bool) -> list[tuple[str, float]]:
     """The finished layer metrics of one step, merging every call of the module exactly."""
     out: list[tuple[str, float]] = []
@@ -216,6 +223,8 @@ def layer_metrics(ls: LayerStep, slots: Slots, has_kind: bool) -> list[tuple[str
         # exact when every call was sampled whole; zero exactly when min and max are finite
         finite = math.isfinite(lo) and math.isfinite(hi)
         out.append(("nonfinite", 0.0 if finite else float(max(round(bad * total), 1))))
+    if unit_parts(ls, slots):  # detail steps: the sample size behind each unit's mean and variance
+        out.append(("unit_count", sum(ls.unit_counts)))
     if ls.grads:
         sumsq = sum(float(slots.get(h)[0]) for _, h in ls.grads)
         count = sum(n for n, _ in ls.grads)

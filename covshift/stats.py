@@ -42,6 +42,7 @@ LAYER_METRICS: dict[str, str] = {
     "nonfinite": "number of NaN or infinite outputs",
     "grad_norm": "L2 norm of the loss gradient w.r.t. the output",
     "grad_rms": "root mean square of the loss gradient w.r.t. the output",
+    "unit_count": "detail steps: elements per unit behind the per-unit statistics (batch × positions)",
 }
 #: Parameter metrics, recorded on the owning layer as ``<param>.<metric>``.
 PARAM_METRICS: dict[str, str] = {

@@ -52,7 +52,7 @@ def row(frame: pd.DataFrame, **where) -> pd.Series:
 
 def test_w2_matches_gaussian_closed_form(tmp_path):
     base = np.array([0.0, 1.0, -2.0, 5.0])
-    sd = np.array([1.0, 2.0, 0.5, 0.0])  # the last unit has zero variance: skipped
+    sd = np.array([1.0, 2.0, 0.5, 0.0])  # a constant unit counts with its mean shift (no per-unit division)
     drift, growth = 0.3, 0.5
     units = []
     for k, step in enumerate((0, 10, 20)):
@@ -63,11 +63,12 @@ def test_w2_matches_gaussian_closed_form(tmp_path):
         "layers": [("lin", "Linear", None, None), ("flat", "Linear", None, None)],
         "scalars": loss_rows([1.0] * 21), "units": units}})
     shift = analyze(trace).covariate_shift
-    s = sd[:3]
-    # W2 of N(m1, s1²), N(m2, s2²) is sqrt((m1-m2)² + (s1-s2)²), here in reference stds.
-    exp_10 = np.median(np.sqrt(drift ** 2 + (growth * s) ** 2) / s)
-    exp_20_prev = np.median(np.sqrt(drift ** 2 + (growth * s) ** 2) / (1.5 * s))
-    exp_20_first = np.median(np.sqrt((2 * drift) ** 2 + (2 * growth * s) ** 2) / s)
+    # every unit's mean moves by drift·k and its std by growth·k·sd, so the RMS over units of
+    # W2 is sqrt((drift k)² + (growth k)² mean(sd²)), over the pooled std sqrt(mean(sd²)) (1 + growth k_ref)
+    pooled = math.sqrt(np.mean(sd ** 2))
+    exp_10 = math.hypot(drift, growth * pooled) / pooled
+    exp_20_prev = math.hypot(drift, growth * pooled) / (1.5 * pooled)
+    exp_20_first = math.hypot(2 * drift, 2 * growth * pooled) / pooled
     r10, r20 = row(shift, layer="lin", step=10), row(shift, layer="lin", step=20)
     assert r10["w2_prev"] == pytest.approx(exp_10, rel=1e-12)
     assert r10["w2_first"] == pytest.approx(exp_10, rel=1e-12)
@@ -76,7 +77,8 @@ def test_w2_matches_gaussian_closed_form(tmp_path):
     assert r20["prev_step"] == 10
     assert len(shift[shift["layer"] == "lin"]) == 2  # one row per detail step after the first
     assert math.isnan(r10["w1_prev"])  # no histograms
-    # a reference with every variance 0 gives NaN; a later reference with variance 1 does not
+    assert math.isnan(r10["baseline"])  # no unit_count recorded (an older trace)
+    # a reference with every value exactly 0 has scale 0: NaN; a later reference with variance 1 does not
     assert math.isnan(row(shift, layer="flat", step=10)["w2_prev"])
     assert row(shift, layer="flat", step=20)["w2_prev"] == pytest.approx(1.0)
     summary = analyze(trace).shift_summary
@@ -358,14 +360,18 @@ def test_end_to_end_on_a_recorded_trace(tmp_path):
         units = trace.units(run="nobn", layer="0")
     m = units.pivot(index="step", columns="unit", values="mean")
     v = units.pivot(index="step", columns="unit", values="var")
-    expected = np.median(np.sqrt((m.loc[4] - m.loc[2]) ** 2 + (np.sqrt(v.loc[4]) - np.sqrt(v.loc[2])) ** 2)
-                       / np.sqrt(v.loc[2]))
+    moved = np.sqrt(np.mean((m.loc[4] - m.loc[2]) ** 2 + (np.sqrt(v.loc[4]) - np.sqrt(v.loc[2])) ** 2))
+    expected = moved / max(np.sqrt(v.loc[2].mean()), 0.01 * np.sqrt((v.loc[2] + m.loc[2] ** 2).mean()))
     assert row(shift, run="nobn", layer="0", step=4)["w2_prev"] == pytest.approx(expected)
+    assert row(shift, run="nobn", layer="0", step=4)["baseline"] == pytest.approx(math.sqrt(3 / 32))  # batch 32
     assert set(a.saturation["nonlinearity"]) == {"sigmoid"}
     sections = {f.section for f in a.findings}
     assert {"convergence", "stability", "generalization", "saturation", "gradient_flow", "covariate_shift",
             "divergence"} <= sections
-    assert any("both runs share" in t for t in texts(a, "covariate_shift"))
+    shift_texts = texts(a, "covariate_shift")
+    # the only nonlinearity input: BatchNorm's output in bn, the Linear's in nobn; never the logits
+    assert sum(t.startswith("Over the 1 matched nonlinearity input,") for t in shift_texts) == 1
+    assert [f.layer for f in a.findings_for("covariate_shift") if f.run] == ["1", "0"]
 
 
 def test_relu_layers_are_not_ranked_as_saturated(tmp_path):

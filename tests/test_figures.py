@@ -336,6 +336,21 @@ def test_empty_shift(trace, shift):
     assert any(t.startswith("no detail steps recorded") for t in texts(fig))
 
 
+def test_shift_shows_the_nonlinearity_inputs_and_the_noise_baseline(tmp_path):
+    trace = fake(tmp_path / "t.covshift")  # fc -> act (tanh) -> out: the input of act is fc
+    shift = pd.DataFrame([{"run": run, "layer": layer, "step": step, "w2_prev": 0.5, "w2_first": 0.5,
+                           "w1_prev": np.nan, "w1_first": np.nan, "baseline": 0.1}
+                          for run in ("bn", "nobn") for layer in ("fc", "act", "out") for step in (10, 20)])
+    fig = distribution_figures.covariate_shift(trace, shift)
+    for ax in main_axes(fig):
+        solid = [line for line in ax.get_lines() if line.get_linestyle() == "-"]
+        dashed = [line for line in ax.get_lines() if line.get_linestyle() == "--"]
+        assert [line.get_label() for line in solid] == ["fc"]
+        assert len(dashed) == 1 and list(dashed[0].get_ydata()) == pytest.approx([0.1, 0.1])
+        assert ax.get_title().endswith("W₂ shift per nonlinearity input")
+    assert any("sampling noise" in t for t in texts(fig))
+
+
 def test_shift_missing_columns(trace):
     with pytest.raises(ValueError, match="missing columns"):
         distribution_figures.covariate_shift(trace, pd.DataFrame({"run": ["bn"], "layer": ["act1"]}))

@@ -674,9 +674,9 @@ def test_unit_max_matches_numpy(shape):
 def test_metric_names():
     assert set(stats.LAYER_METRICS) == {
         "mean", "var", "std", "min", "max", "p15", "p50", "p85",
-        "saturation", "gain", "dead", "nonfinite", "grad_norm", "grad_rms",
+        "saturation", "gain", "dead", "nonfinite", "grad_norm", "grad_rms", "unit_count",
     }
-    assert len(stats.LAYER_METRICS) == 14
+    assert len(stats.LAYER_METRICS) == 15
     assert set(stats.PARAM_METRICS) == {"grad_norm", "norm", "update_ratio"}
     assert len(stats.PARAM_METRICS) == 3
     assert set(stats.RUN_METRICS) == {"loss", "lr", "grad_norm"}

@@ -127,8 +127,9 @@ def table(trace, run=None):
 
 
 def layer_row(tab, step, layer):
-    """The layer metrics (not the parameter ones) of one layer at one step."""
-    return {m: v for (s, l, m), v in tab.items() if s == step and l == layer and "." not in m}
+    """The layer metrics (not the parameter ones) of one layer at one step, but the detail-step
+    ``unit_count`` (checked in test_unit_count_is_the_sample_size_per_unit)."""
+    return {m: v for (s, l, m), v in tab.items() if s == step and l == layer and "." not in m and m != "unit_count"}
 
 
 def check_layer(got, exp, rtol=1e-4, order_rtol=1e-6, frac_atol=1e-6):
@@ -1049,7 +1050,8 @@ def test_killed_process_keeps_flushed_steps(tmp_path):
     df = trace.scalars()
     assert sorted(set(df["step"])) == list(range(10))
     for (layer, metric), group in df.groupby(["layer", "metric"]):
-        assert sorted(group["step"]) == list(range(10)), (layer, metric)
+        expected = [0] if metric == "unit_count" else list(range(10))  # a detail-step metric (detail_every 50)
+        assert sorted(group["step"]) == expected, (layer, metric)
     assert set(df["layer"]) == {"", "0", "1", "2"}
     assert "steps" not in trace.config("crash")
 
@@ -1074,6 +1076,30 @@ def test_detail_rows_only_at_detail_steps(tmp_path):
             assert hists[(hists.step == step) & (hists.layer == name)]["count"].sum() == 5 * width
     with pytest.raises(ValueError):
         covshift.Tracer(model, tmp_path / "x.covshift", every=2, detail_every=3)
+
+
+def test_unit_count_is_the_sample_size_per_unit(tmp_path):
+    """At detail steps only: batch for a Linear output, batch × H × W for a conv channel, the
+    calls of a shared module summed."""
+    model = _conv_net()
+    twin = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    path = tmp_path / "t.covshift"
+    with covshift.Tracer(model, path, optimizer=opt, detail_every=2) as tracer:
+        outs = train(model, tracer, opt, batches(3, (8, 3, 6, 6), (8, 2)), twin, ["0", "3"])
+    counts = covshift.load(path).scalars(metric="unit_count").set_index(["step", "layer"])["value"]
+    assert sorted(set(counts.index.get_level_values("step"))) == [0, 2]
+    for step in (0, 2):
+        for name in ("0", "3"):
+            y = outs[step].outs[name][0]
+            assert counts[(step, name)] == y.size // y.shape[1]
+    assert counts[(0, "0")] == 8 * 6 * 6 and counts[(0, "3")] == 8
+    for module, expected in ((Shared(), [20.0]), (SharedActivation(), [])):  # 2 calls of 10 rows; other widths
+        with covshift.Tracer(module, tmp_path / f"{type(module).__name__}.covshift", detail_every=1) as tracer:
+            module(torch.randn(10, module.lin.in_features if hasattr(module, "lin") else 4)).sum().backward()
+            tracer.step()
+        rows = covshift.load(tracer.path).scalars(metric="unit_count", layer="act")
+        assert rows["value"].tolist() == expected  # no per-unit statistics when the calls' widths differ
 
 
 # ---------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def _analyze(trace: Trace) -> Analysis:
     info = trace.layer_info()
     run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy", "train_eval_loss"])
     layer_frame = trace.scalars(metric=["saturation", "gain", "grad_norm", "std", "nonfinite",
-                                        "weight.update_ratio"])
+                                        "weight.update_ratio", "unit_count"])
     layer_frame = layer_frame[layer_frame["layer"] != ""]
     raw = {run: common.series(run_frame, run, "loss") for run in runs}
     losses = {run: common.finite_part(*raw[run]) for run in runs}
@@ -93,7 +93,8 @@ def _analyze(trace: Trace) -> Analysis:
 
     findings = (outcomes.findings(result, seeds) + convergence.findings(conv, pair) + stability.findings(stab)
                 + generalization.findings(gen) + saturation.findings(sat, runs, pair)
-                + gradient_flow.findings(gradient_summary, pair) + covariate_shift.findings(shift_summary, runs, pair)
+                + gradient_flow.findings(gradient_summary, pair)
+                + covariate_shift.findings(shift_summary, info, pairs, runs, pair)
                 + divergence.findings(div))
     return Analysis(runs, seeds, result, pairs, conv, stab, gen, sat, flow, gradient_summary, shift, shift_summary,
                     div, instruments.measurements(trace), losses, {run: trace.config(run) for run in runs}, findings)

@@ -18,6 +18,12 @@ seed, the *effect*:
 
 With one seed the point estimate decides and the verdict is labelled ``(1 seed)``.
 
+**Effects the measure cannot resolve decide nothing.** A seed's measure may say its effect
+is unresolved (:attr:`Measure.unresolved`): for the distributional covariate shift, both
+runs' shifts below :data:`covshift.analysis.covariate_shift.BASELINE_FACTOR` × their
+sampling-noise baseline, where bn / nobn is a ratio of noises. Any such seed makes the claim
+``inconclusive``, with the reason and how many seeds it concerns.
+
 **Run outcomes come first.** Dynamics claims (every claim here but the sweep's) use only
 the seeds whose two runs both trained (:mod:`covshift.analysis.outcomes`). Where no seed
 has two trained runs the claim is ``not comparable``, with the reason; "faster
@@ -40,7 +46,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import convergence, stability
+from . import convergence, covariate_shift, stability
 from .common import num
 from .intervals import Z, accuracy_se, mean_interval
 from .sweep_findings import init_verdict, lr_verdict
@@ -86,6 +92,7 @@ class Measure:
     note: str = ""                 #: what else the evidence says about this seed
     se: float = math.nan           #: standard error of bn − nobn (differences only)
     higher_is_better: bool = False  #: True: compared as bn − nobn; False: as the ratio bn / nobn
+    unresolved: str = ""           #: why this seed's effect cannot decide the claim (e.g. both within noise)
 
 
 @dataclass
@@ -164,15 +171,19 @@ def _roles(a: Analysis, kind: str, first: int = 1) -> pd.DataFrame:
 
 
 def _shift(a: Analysis, bn: str, nobn: str) -> Measure:
-    """Mean ``w2`` between consecutive detail steps over the matched nonlinearity inputs."""
-    layers = a.shift_summary[a.shift_summary["layer"] != ""].set_index(["run", "layer"])["mean_w2_prev"]
-    values = [(layers.get((bn, lb), math.nan), layers.get((nobn, ln), math.nan))
-              for lb, ln in zip(_roles(a, "input")["bn"], _roles(a, "input")["nobn"])]
-    values = [(b, n) for b, n in values if math.isfinite(b) and math.isfinite(n)]
-    if not values:
+    """Mean ``w2`` between consecutive detail steps over the matched nonlinearity inputs
+    (:func:`covariate_shift.pair_shift`); unresolved when both are within noise."""
+    b, n = covariate_shift.pair_shift(a.shift_summary, a.pairs, bn, nobn)
+    if not b.layers:
         return Measure(math.nan, math.nan)
-    b, n = np.mean(values, axis=0)
-    return Measure(float(b), float(n), f"{len(values)} nonlinearity inputs")
+    if math.isfinite(b.times_baseline) and math.isfinite(n.times_baseline):
+        note = (f"{b.layers} nonlinearity inputs; bn {num(b.times_baseline)}×, nobn {num(n.times_baseline)}× "
+                f"the sampling-noise baseline")
+    else:
+        note = f"{b.layers} nonlinearity inputs; no sampling-noise baseline (the trace has no unit_count)"
+    unresolved = (f"both runs' shifts are within {covariate_shift.BASELINE_FACTOR:g}× the sampling-noise baseline"
+                  if b.within_noise and n.within_noise else "")
+    return Measure(b.value, n.value, note, unresolved=unresolved)
 
 
 def _ics(a: Analysis, bn: str, nobn: str) -> Measure:
@@ -288,6 +299,11 @@ def _decide(a: Analysis, effect: _Effect) -> Claim:
     claim.verdict, claim.low, claim.mean, claim.high = verdict
     claim.seeds = len(rows)
     claim.evidence = _evidence(effect, rows, claim)
+    unresolved = [(seed, m.unresolved) for seed, m in rows if m.unresolved]
+    if unresolved:  # an effect the measure cannot resolve decides nothing, either way
+        claim.verdict = "inconclusive"
+        where = "" if len(rows) == 1 else f" in {len(unresolved)} of {len(rows)} seeds"
+        claim.evidence += f"; inconclusive: {unresolved[0][1]}{where}"
     if not others.empty:
         claim.evidence += f"; left out: {_untrained(a, others)}"
     return claim

@@ -1,25 +1,50 @@
 """Covariate shift of each run's layers: how far each layer's output distribution moves between
-detail steps, as Wasserstein distances per step, their summary and findings.
+detail steps, as Wasserstein distances per step, their sampling-noise baseline, their summary
+and findings on the inputs of the nonlinearities.
 
 **Covariate shift** (per run and layer, at each detail step t after the layer's first,
 against a reference step r: the previous detail step for ``*_prev``, the first for
-``*_first``).
-``w2`` = median over units u of W2(N(m_ut, v_ut), N(m_ur, v_ur)) / √v_ur, where the
-2-Wasserstein distance between 1-D Gaussians is √((m_ut − m_ur)² + (√v_ut − √v_ur)²).
-Units with v_ur = 0 or non-finite values are skipped; NaN when none is left or the layer has
-no per-unit statistics. ``w1`` = the 1-Wasserstein distance between the layer's histograms
-at t and r (``scipy.stats.wasserstein_distance``; each bin's count placed at its centre, the
-underflow bin at the first finite edge, the overflow bin at the last), divided by the layer's
-``std`` at r; NaN when a histogram is empty or that std is missing, 0 or non-finite. Both
-measure the shift in units of the reference standard deviation; ``w2`` takes the median so
-that a few units with a tiny reference variance (nearly dead or saturated) do not dominate it. ``shift_summary`` averages
-each layer's values over its steps (``mean_w2_prev``, ``mean_w1_prev``, ``mean_w2_first``,
-``mean_w1_first``); its rows with ``layer == ""`` average those over the run's layers.
+``*_first``). With m_u, v_u the mean and variance of unit u (a feature, or a conv channel),
+over the units whose four statistics are finite:
+
+- ``w2`` = √(mean_u W2_u²) / s_r, where W2_u² = (m_ut − m_ur)² + (√v_ut − √v_ur)² is the
+  squared 2-Wasserstein distance between the Gaussians N(m_ut, v_ut) and N(m_ur, v_ur), and
+  s_r = max(√(mean_u v_ur), SCALE_FLOOR × √(mean_u (v_ur + m_ur²))) is the layer's pooled
+  within-unit std at r, floored at :data:`SCALE_FLOOR` of the layer's RMS value at r. The
+  layer-level scale keeps a few near-constant units from dominating (a per-unit std of 4e-4
+  turned a small move into W2 = 553); the floor bounds a layer that is nearly constant as a
+  whole. NaN when no unit is left, when s_r is 0 or the layer has no per-unit statistics.
+- ``w1`` = the 1-Wasserstein distance between the layer's histograms at t and r
+  (``scipy.stats.wasserstein_distance``; each bin's count placed at its centre, the
+  underflow bin at the first finite edge, the overflow bin at the last), divided by the
+  layer's ``std`` at r (over all its values, so between-unit spread counts: it is small
+  only for a layer constant as a whole); NaN when a histogram is empty or that std is
+  missing, 0 or non-finite.
+- ``baseline`` = the value ``w2_prev`` takes from sampling noise alone. Two exact estimates
+  of the same Gaussian unit from independent samples (fresh mini-batches) of n_t and n_r
+  elements (the ``unit_count`` metric: batch rows for a Linear output, batch × positions for
+  a conv channel) differ by E W2_u² = 1.5 σ_u² (1/n_t + 1/n_r) (the means by σ²/n each, the
+  stds by σ²/(2n) each), so ``baseline`` = √(1.5 (1/n_t + 1/n_r)) × √(mean_u v_ur) / s_r,
+  which is √(3/n) for equal counts when the floor is not reached. NaN where ``unit_count``
+  is not recorded (traces from before it). It assumes independent, Gaussian elements:
+  correlated positions of a conv channel or heavy tails raise the real noise above it; the
+  same batch at every step (full-batch training) and a BatchNorm output in training mode
+  (each unit's batch mean and variance fixed) have less noise than it.
+
+``summary`` averages each layer's values over its steps (``mean_w2_prev``, ``mean_w1_prev``,
+``mean_w2_first``, ``mean_w1_first``, ``mean_baseline``); its rows with ``layer == ""``
+average those over the run's *nonlinearity inputs* (the layer recorded just before each
+nonlinearity, :func:`covshift.analysis.pairing.nonlinearity_inputs`), never over output
+logits, pooling or Flatten. The findings and the claim use those inputs only: each run's
+mean over its inputs with a finite ``w2``, and :func:`pair_shift` over the role-matched inputs
+of a bn and a nobn run. A mean :class:`Shift` is *within noise* when it is below
+:data:`BASELINE_FACTOR` × its mean baseline.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -27,15 +52,49 @@ from scipy.stats import wasserstein_distance
 
 from . import common
 from .common import Finding
+from .pairing import nonlinearity_inputs
+
+SCALE_FLOOR = 0.01  #: w2's scale is at least this fraction of the layer's RMS value at the reference step
+BASELINE_FACTOR = 2.0  #: a shift below this multiple of its sampling-noise baseline is within noise
+SHIFT_COLUMNS = ["run", "layer", "step", "prev_step", "w2_prev", "w2_first", "w1_prev", "w1_first", "baseline"]
+SUMMARY_VALUES = ["w2_prev", "w1_prev", "w2_first", "w1_first", "baseline"]
 
 
-def _w2(mean_t: np.ndarray, var_t: np.ndarray, mean_r: np.ndarray, var_r: np.ndarray) -> float:
-    """Median over units of the Gaussian W2 distance in reference standard deviations."""
-    ok = np.isfinite(mean_t) & np.isfinite(var_t) & np.isfinite(mean_r) & np.isfinite(var_r) & (var_r > 0)
+@dataclass
+class Shift:
+    """A run's mean ``w2_prev`` over some layers, their mean baseline and how many layers."""
+    value: float
+    baseline: float
+    layers: int
+
+    @property
+    def times_baseline(self) -> float:
+        """The shift as a multiple of its baseline; NaN without a baseline."""
+        ok = math.isfinite(self.baseline) and self.baseline > 0
+        return self.value / self.baseline if ok else math.nan
+
+    @property
+    def within_noise(self) -> bool:
+        """Whether the shift is below :data:`BASELINE_FACTOR` × its baseline (False without one)."""
+        return self.times_baseline < BASELINE_FACTOR
+
+
+def _w2(t: tuple[np.ndarray, np.ndarray], r: tuple[np.ndarray, np.ndarray], n_t: float,
+        n_r: float) -> tuple[float, float]:
+    """``w2`` of the unit statistics ``t`` (means, variances) against ``r``, and its baseline."""
+    (m_t, v_t), (m_r, v_r) = t, r
+    ok = np.isfinite(m_t) & np.isfinite(v_t) & np.isfinite(m_r) & np.isfinite(v_r)
     if not ok.any():
-        return math.nan
-    s_t, s_r = np.sqrt(np.maximum(var_t[ok], 0.0)), np.sqrt(var_r[ok])
-    return float(np.median(np.hypot(mean_t[ok] - mean_r[ok], s_t - s_r) / s_r))
+        return math.nan, math.nan
+    m_t, m_r = m_t[ok], m_r[ok]
+    v_t, v_r = np.maximum(v_t[ok], 0.0), np.maximum(v_r[ok], 0.0)
+    spread = math.sqrt(float(np.mean(v_r)))
+    scale = max(spread, SCALE_FLOOR * math.sqrt(float(np.mean(v_r + m_r ** 2))))
+    if not scale > 0:
+        return math.nan, math.nan
+    squared = (m_t - m_r) ** 2 + (np.sqrt(v_t) - np.sqrt(v_r)) ** 2
+    noise = math.sqrt(1.5 * (1 / n_t + 1 / n_r)) if n_t > 0 and n_r > 0 else math.nan
+    return math.sqrt(float(np.mean(squared))) / scale, noise * spread / scale
 
 
 def _w1(hist_t: tuple[np.ndarray, np.ndarray] | None, hist_r: tuple[np.ndarray, np.ndarray] | None,
@@ -74,10 +133,16 @@ def _histograms(h: pd.DataFrame | None) -> dict[int, tuple[np.ndarray, np.ndarra
                         g["count"].to_numpy(dtype=float)) for step, g in h.groupby("step")}
 
 
+def _at(layer_frame: pd.DataFrame, metric: str) -> dict[tuple[str, str, int], float]:
+    rows = layer_frame[layer_frame["metric"] == metric]
+    return {(r, name, int(s)): float(v)
+            for r, name, s, v in zip(rows["run"], rows["layer"], rows["step"], rows["value"])}
+
+
 def table(units: pd.DataFrame, hists: pd.DataFrame, layer_frame: pd.DataFrame,
           info: pd.DataFrame) -> pd.DataFrame:
-    std = layer_frame[layer_frame["metric"] == "std"]
-    std_at = {(r, name, int(s)): float(v) for r, name, s, v in zip(std["run"], std["layer"], std["step"], std["value"])}
+    """One row per run, layer and detail step after the layer's first (:data:`SHIFT_COLUMNS`)."""
+    std_at, count_at = _at(layer_frame, "std"), _at(layer_frame, "unit_count")
     unit_groups = {key: g for key, g in units.groupby(["run", "layer"], sort=False)}
     hist_groups = {key: g for key, g in hists.groupby(["run", "layer"], sort=False)}
     rows = []
@@ -89,68 +154,99 @@ def table(units: pd.DataFrame, hists: pd.DataFrame, layer_frame: pd.DataFrame,
             row = {"run": run, "layer": layer, "step": step, "prev_step": prev}
             for suffix, ref in (("prev", prev), ("first", ordered[0])):
                 a, b = stats.get(step), stats.get(ref)
-                row[f"w2_{suffix}"] = math.nan if a is None or b is None else _w2(a[0], a[1], b[0], b[1])
+                n_t, n_r = (count_at.get((run, layer, s), math.nan) for s in (step, ref))
+                w2, baseline = (math.nan, math.nan) if a is None or b is None else _w2(a, b, n_t, n_r)
+                row[f"w2_{suffix}"] = w2
                 row[f"w1_{suffix}"] = _w1(histos.get(step), histos.get(ref), std_at.get((run, layer, ref), math.nan))
+                if suffix == "prev":
+                    row["baseline"] = baseline
             rows.append(row)
-    return pd.DataFrame(rows, columns=["run", "layer", "step", "prev_step", "w2_prev", "w2_first",
-                                       "w1_prev", "w1_first"])
+    return pd.DataFrame(rows, columns=SHIFT_COLUMNS)
 
 
 def summary(runs: list[str], shift: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
-    columns = ["run", "layer", "mean_w2_prev", "mean_w1_prev", "mean_w2_first", "mean_w1_first", "steps"]
-    values = ["w2_prev", "w1_prev", "w2_first", "w1_first"]
+    """Per run and layer the mean of each value over its steps; per run (``layer == ""``)
+    their mean over the run's nonlinearity inputs, when it has any with a row."""
+    columns = ["run", "layer", *(f"mean_{v}" for v in SUMMARY_VALUES), "steps"]
     rows = []
     for run in runs:
         s = shift[shift["run"] == run]
-        if s.empty:
-            continue
         per_layer = []
         for layer in info.loc[info["run"] == run, "layer"]:
             g = s[s["layer"] == layer]
-            if g.empty:
-                continue
-            row = {"run": run, "layer": layer, "steps": len(g)}
-            row.update({f"mean_{v}": g[v].mean() for v in values})
-            per_layer.append(row)
-        total = pd.DataFrame(per_layer)
+            if not g.empty:
+                per_layer.append({"run": run, "layer": layer, "steps": len(g),
+                                  **{f"mean_{v}": g[v].mean() for v in SUMMARY_VALUES}})
         rows += per_layer
-        rows.append({"run": run, "layer": "", "steps": int(total["steps"].max()),
-                     **{f"mean_{v}": total[f"mean_{v}"].mean() for v in values}})
+        inputs = pd.DataFrame(per_layer, columns=columns)
+        inputs = inputs[inputs["layer"].isin(nonlinearity_inputs(info, run))]
+        if not inputs.empty:
+            rows.append({"run": run, "layer": "", "steps": int(inputs["steps"].max()),
+                         **{f"mean_{v}": inputs[f"mean_{v}"].mean() for v in SUMMARY_VALUES}})
     return pd.DataFrame(rows, columns=columns)
 
 
-def findings(summary: pd.DataFrame, runs: list[str], pair: tuple[str, str] | None) -> list[Finding]:
+def _means(summary: pd.DataFrame, run: str, layers: list[str]) -> Shift:
+    """The mean ``mean_w2_prev`` and ``mean_baseline`` over ``layers`` of ``run`` (the
+    baseline NaN unless every layer has one)."""
+    rows = summary[(summary["run"] == run) & summary["layer"].isin(layers)]
+    if rows.empty:
+        return Shift(math.nan, math.nan, 0)
+    baselines = rows["mean_baseline"].to_numpy(dtype=float)
+    baseline = float(baselines.mean()) if np.isfinite(baselines).all() else math.nan
+    return Shift(float(rows["mean_w2_prev"].mean()), baseline, len(rows))
+
+
+def _finite_w2(summary: pd.DataFrame, run: str, layers: list[str]) -> list[str]:
+    rows = summary[(summary["run"] == run) & summary["layer"].isin(layers)]
+    ok = set(rows.loc[np.isfinite(rows["mean_w2_prev"].to_numpy(dtype=float)), "layer"])
+    return [layer for layer in layers if layer in ok]
+
+
+def pair_shift(summary: pd.DataFrame, pairs: pd.DataFrame, bn: str, nobn: str) -> tuple[Shift, Shift]:
+    """Both runs' mean ``w2_prev`` and baseline over the role-matched nonlinearity inputs
+    (``pairs`` rows of kind ``input``) where both have a finite ``w2``."""
+    roles = pairs[pairs["kind"] == "input"]
+    ok_b, ok_n = set(_finite_w2(summary, bn, list(roles["bn"]))), set(_finite_w2(summary, nobn, list(roles["nobn"])))
+    both = [(b, n) for b, n in zip(roles["bn"], roles["nobn"]) if b in ok_b and n in ok_n]
+    return _means(summary, bn, [b for b, _ in both]), _means(summary, nobn, [n for _, n in both])
+
+
+def _noise(s: Shift) -> str:
+    """E.g. "4.1 times the sampling-noise baseline 0.03"."""
+    if not math.isfinite(s.times_baseline):
+        return "no sampling-noise baseline (the trace has no unit_count)"
+    return f"{common.num(s.times_baseline)} times the sampling-noise baseline {common.num(s.baseline)}"
+
+
+def findings(summary: pd.DataFrame, info: pd.DataFrame, pairs: pd.DataFrame, runs: list[str],
+             pair: tuple[str, str] | None) -> list[Finding]:
+    """Per run, its mean shift over its nonlinearity inputs and the largest; for ``pair``,
+    both runs' shifts over the matched inputs."""
     out = []
     for run in runs:
-        s = summary[summary["run"] == run]
-        total, layers = s[s["layer"] == ""], s[s["layer"] != ""]
-        if total.empty:
+        layers = _finite_w2(summary, run, nonlinearity_inputs(info, run))
+        if not layers:
             continue
-        t = total.iloc[0]
-        parts = [f"{name} {common.num(t[col])}" for name, col in (("W2", "mean_w2_prev"), ("W1", "mean_w1_prev"))
-                 if np.isfinite(t[col])]
-        if not parts:
-            continue
-        key = "mean_w2_prev" if np.isfinite(t["mean_w2_prev"]) else "mean_w1_prev"
-        top = layers.loc[layers[key].idxmax()] if layers[key].notna().any() else None
-        text = (f"In the {run} run the mean covariate shift between consecutive detail steps is "
-                f"{' and '.join(parts)} (in reference standard deviations, averaged over {len(layers)} layers)")
-        if top is not None:
-            text += f"; largest in `{top['layer']}` ({key[5:7].upper()} {common.num(top[key])})"
-        out.append(Finding("covariate_shift", text + ".", run, None if top is None else top["layer"],
-                           value=float(t[key])))
+        s = _means(summary, run, layers)
+        rows = summary[(summary["run"] == run) & summary["layer"].isin(layers)]
+        top = rows.loc[rows["mean_w2_prev"].idxmax()]
+        which = f"inputs of its {s.layers} nonlinearities shift" if s.layers > 1 else "input of its nonlinearity shifts"
+        text = (f"In the {run} run the {which} by W2 {common.num(s.value)} per detail interval on average "
+                f"(in units of the layer's spread), {_noise(s)}")
+        if s.layers > 1:
+            text += f"; largest at `{top['layer']}` ({common.num(top['mean_w2_prev'])})"
+        out.append(Finding("covariate_shift", text + ".", run, str(top["layer"]), value=s.value))
     if pair:
-        a, b = (summary[(summary["run"] == p) & (summary["layer"] != "")].set_index("layer") for p in pair)
-        shared = [layer for layer in a.index if layer in b.index]
-        for name, col in (("W2", "mean_w2_prev"), ("W1", "mean_w1_prev")):
-            ok = [layer for layer in shared if np.isfinite(a.loc[layer, col]) and np.isfinite(b.loc[layer, col])]
-            if not ok:
-                continue
-            ma, mb = float(a.loc[ok, col].mean()), float(b.loc[ok, col].mean())
-            text = (f"Over the {len(ok)} layers both runs share, the mean {name} shift between consecutive detail "
-                    f"steps is {common.num(ma)} in the {pair[0]} run and {common.num(mb)} in the {pair[1]} run")
-            lo, hi = sorted([(ma, pair[0]), (mb, pair[1])])
+        b, n = pair_shift(summary, pairs, *pair)
+        if b.layers:
+            text = (f"Over the {b.layers} matched nonlinearity input{'s' * (b.layers > 1)}, the mean W2 shift per "
+                    f"detail interval is {common.num(b.value)} in the {pair[0]} run ({_noise(b)}) and "
+                    f"{common.num(n.value)} in the {pair[1]} run ({_noise(n)})")
+            lo, hi = sorted([(b.value, pair[0]), (n.value, pair[1])])
             if lo[0] > 0 and hi[0] != lo[0]:
-                text += f" ({common.num(hi[0] / lo[0])} times as large in the {hi[1]} run)"
-            out.append(Finding("covariate_shift", text + ".", value=mb - ma))
+                text += f"; {common.num(hi[0] / lo[0])} times as large in the {hi[1]} run"
+            if b.within_noise and n.within_noise:
+                text += f"; both are within {BASELINE_FACTOR:g}× their sampling-noise baseline"
+            out.append(Finding("covariate_shift", text + ".", value=n.value - b.value))
     return out

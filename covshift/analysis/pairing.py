@@ -49,6 +49,18 @@ def _roles(info: pd.DataFrame, run: str) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+def nonlinearity_inputs(info: pd.DataFrame, run: str) -> list[str]:
+    """The layers of one run recorded just before each of its nonlinearities (the ``input``
+    kind above), in forward order.
+
+    >>> info = pd.DataFrame({"run": ["r"] * 4, "layer": ["0", "1", "2", "3"],
+    ...     "type": ["Linear", "ReLU", "Linear", "Softmax"], "nonlinearity": [None, "relu", None, None]})
+    >>> nonlinearity_inputs(info, "r")
+    ['0']
+    """
+    return [layer for layer, _ in _roles(info, run)["input"]]
+
+
 def pairs(info: pd.DataFrame, bn: str, nobn: str) -> pd.DataFrame:
     """The role table ``role, kind, index, bn, nobn`` of two runs (see the module docstring)."""
     a, b = _roles(info, bn), _roles(info, nobn)

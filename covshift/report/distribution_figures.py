@@ -12,6 +12,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from ..analysis.pairing import nonlinearity_inputs
 from ..store import Trace
 from . import style
 
@@ -22,7 +23,9 @@ SHIFT_COLUMNS = ("run", "layer", "step", "w2_prev", "w2_first", "w1_prev", "w1_f
 def covariate_shift(trace: Trace, shift: pd.DataFrame | None) -> Figure:
     """Wasserstein distance between each layer's output distribution at a detail step and
     at the previous one (W2 top row, W1 bottom row when given), one column per run. Shows
-    a run's nonlinearity layers when ``shift`` has any, else all its layers in ``shift``."""
+    a run's nonlinearity inputs (the layers the claim compares) when ``shift`` has any, else
+    its nonlinearity layers, else all its layers in ``shift``. With a ``baseline`` column the
+    W2 panels draw its mean over the shown layers, the sampling-noise level, dashed."""
     if shift is None or shift.empty:
         fig, axes = style.new_figure(1, 1)
         ax = axes[0][0]
@@ -41,13 +44,17 @@ def covariate_shift(trace: Trace, shift: pd.DataFrame | None) -> Figure:
     if "w1_prev" in shift.columns and np.isfinite(shift["w1_prev"].to_numpy(dtype=float)).any():
         metrics.append(("w1_prev", "W₁"))
     info = trace.layer_info()
+    noisy = False  # whether a sampling-noise baseline was drawn
     fig, axes = style.new_figure(len(metrics), len(runs), height=3.2 * len(metrics) + 0.8, sharex="col", sharey="row")
     for col, run in enumerate(runs):
         mine = shift[shift["run"] == run]
-        layers = style.candidates(info, run, set(mine["layer"]))
+        layers = [name for name in nonlinearity_inputs(info, run) if name in set(mine["layer"])]
+        kind = "nonlinearity input"
+        if not layers:
+            layers = style.candidates(info, run, set(mine["layer"]))
+            mine_info = info[(info["run"] == run) & info["layer"].isin(layers)]
+            kind = "nonlinearity" if mine_info["nonlinearity"].notna().any() else "layer"
         shades = style.depth_colors(colors[run], len(layers))
-        mine_info = info[(info["run"] == run) & info["layer"].isin(layers)]
-        kind = "nonlinearity" if mine_info["nonlinearity"].notna().any() else "layer"
         for row, (metric, symbol) in enumerate(metrics):
             ax = axes[row][col]
             ax.set_title(f"{style.literal(run)}: {symbol} shift per {kind}", fontsize=10)
@@ -61,14 +68,20 @@ def covariate_shift(trace: Trace, shift: pd.DataFrame | None) -> Figure:
                 rows = mine[mine["layer"] == name].sort_values("step")
                 ax.plot(rows["step"], style.finite(rows[metric].to_numpy(dtype=float)), "o-", color=color,
                         ms=2.5, lw=1.2, label=style.literal(name))
+            if metric == "w2_prev" and "baseline" in mine.columns:
+                noise = mine[mine["layer"].isin(layers)].groupby("step")["baseline"].mean().dropna()
+                if len(noise):
+                    ax.plot(noise.index, noise.to_numpy(), "--", color="0.45", lw=1.0, label="sampling noise")
+                    noisy = True
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(alpha=0.3)
         style.depth_key(fig, [axes[r][col] for r in range(len(metrics))], layers, shades)
     for row, (metric, _) in enumerate(metrics):
         if style.spans_decades(shift[metric].to_numpy(dtype=float)):
             axes[row][0].set_yscale("log")
+    note = "\n(dashed: the W₂ of sampling noise alone)" if noisy else ""
     fig.suptitle("Internal covariate shift: how far each layer's output distribution moves "
-                 "between detail steps", fontsize=11)
+                 "between detail steps" + note, fontsize=11)
     style.run_legend(fig, runs, colors)
     return fig
 
