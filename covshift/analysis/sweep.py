@@ -27,10 +27,13 @@ from .sweep_tables import (
     VARIANTS,
     SweepAnalysis,
     aggregate,
+    init_spreads,
     median_initial,
+    metric_of,
     reference,
     summaries,
     sweep_runs,
+    usable,
 )
 
 
@@ -50,8 +53,10 @@ def analyze_sweep(trace: Trace | str | os.PathLike[str]) -> SweepAnalysis | None
     lr_table.insert(2, "init_scale", scale)
     init_table = aggregate(runs[runs["lr"] == ref_lr], ["variant", "init_scale"])
     init_table.insert(2, "lr", ref_lr)
-    summary, by_seed = summaries(runs, scale, ref_lr)
-    sa = SweepAnalysis(runs, lr_table, init_table, [], m, THRESHOLD_FRACTION * m, scale, ref_lr, summary, by_seed)
+    metric = metric_of(runs)
+    by_seed = usable(runs, scale, metric)
+    sa = SweepAnalysis(runs, lr_table, init_table, [], m, THRESHOLD_FRACTION * m, scale, ref_lr, summaries(by_seed),
+                       by_seed, init_spreads(runs, ref_lr, metric), metric)
     sa.findings = sweep_findings.lr_findings(sa) + sweep_findings.init_findings(sa) + sweep_findings.failing(sa)
     return sa
 
