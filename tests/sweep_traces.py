@@ -3,7 +3,7 @@
 One run per variant, learning rate, init scale and seed, with ``sweep: True`` and the grid in
 its config. A run's loss falls linearly from ``start`` with slope ``slope`` to ``floor``; a
 diverging run records finite losses until the step it diverges at, then an infinite one. Its
-validation accuracy is logged twice and ends at ``acc``; ``chance`` (when given) is recorded
+validation accuracy is logged twice and ends at ``acc`` (None: never logged); ``chance`` (when given) is recorded
 as the config's ``chance_accuracy``.
 """
 
@@ -22,7 +22,7 @@ LAYERS = [("fc1", "Linear", None), ("act1", "Tanh", "tanh"), ("fc2", "Linear", N
 
 
 def outcome(diverge: int | None = None, slope: float = 0.03, floor: float = 0.2, sat: float = 0.1,
-            g1: float = 1.0, g2: float = 2.0, acc: float = 0.9, start: float = START,
+            g1: float = 1.0, g2: float = 2.0, acc: float | None = 0.9, start: float = START,
             chance: float | None = None) -> dict:
     return {"diverge": diverge, "slope": slope, "floor": floor, "sat": sat, "g1": g1, "g2": g2, "acc": acc,
             "start": start, "chance": chance}
@@ -61,9 +61,10 @@ def write_sweep(path, settings, plain: dict | None = None) -> str:
                 rows += [(t, "", "loss", float(value)), (t, "act1", "saturation", o["sat"]),
                          (t, "fc1", "grad_norm", o["g1"]), (t, "act1", "grad_norm", 1.5),
                          (t, "fc2", "grad_norm", o["g2"])]
-                if t % 50 == 49:  # two evaluations; the last gives the best accuracy
-                    rows += [(t, "", "val_loss", float(value) * 1.1),
-                             (t, "", "val_accuracy", o["acc"] * (t + 1) / STEPS)]
+                if t % 50 == 49:  # two evaluations; the last gives the final accuracy
+                    rows.append((t, "", "val_loss", float(value) * 1.1))
+                    if o["acc"] is not None:
+                        rows.append((t, "", "val_accuracy", o["acc"] * (t + 1) / STEPS))
             writer.write(rid, rows, [], [])
             final = None if o["diverge"] is not None else float(loss[-10:].mean())
             writer.update_config(rid, steps=len(loss), diverged_at=o["diverge"],

@@ -209,7 +209,7 @@ def init_findings(sa: SweepAnalysis) -> list[Finding]:
         out.append(Finding("initialization", text, value=float(ok["final_loss"].max() - ok["final_loss"].min())
                            if len(ok) else None))
     t = sa.init_by_seed
-    if t is None or t.empty:
+    if t is None or t.empty or t["scales"].max() < 2:
         return out
     both = t[t["both"] >= 2]
     if both.empty:
