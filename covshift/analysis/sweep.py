@@ -6,7 +6,8 @@ parsed). A trace without sweep runs has no sweep, and :func:`analyze_sweep` retu
 
 :func:`analyze_sweep` returns a :class:`~covshift.analysis.sweep_tables.SweepAnalysis`: the
 per-run and grid tables of :mod:`covshift.analysis.sweep_tables` (which defines every
-quantity) with the verdicts and findings of :mod:`covshift.analysis.sweep_findings`. A report
+quantity) with the findings of :mod:`covshift.analysis.sweep_findings`; the two claims' verdicts
+are :mod:`covshift.analysis.sweep_verdicts`. A report
 describes one pair of the sweep run by run through :class:`RunView` and :func:`default_pair`;
 :mod:`covshift.report.sweep_figures` draws the sweep's figures.
 """
