@@ -206,5 +206,5 @@ def test_lr_figure_draws_the_tolerance_limits_the_usable_lrs_and_untrained_runs(
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "did not train (any seed; run outcomes)" in labels and "never reached loss 1 (any seed)" in labels
     grid_fig = sweep_figures.sweep_grid(never)
-    assert "mean of the last 10% of mini-batch losses" in grid_fig.axes[-1].get_ylabel()
+    assert "10% of mini-batch losses, training mode" in grid_fig.axes[-1].get_ylabel()
     assert any("untrained 1/1" in t.get_text() for t in grid_fig.axes[1].texts)

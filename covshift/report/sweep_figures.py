@@ -40,7 +40,7 @@ def _log_ticks(ax: Any, values: list[float]) -> None:
 
 
 Marks = Callable[[dict[str, Any], dict[str, Any]], list[tuple[Line2D, str]]]
-FINAL_LOSS = "final training loss (mean of the last 10% of mini-batch losses)"
+FINAL_LOSS = "final training loss\n(mean of the last 10% of mini-batch losses)"
 
 
 def _sensitivity(table: pd.DataFrame, x: str, xlabel: str, title: str, threshold: float,
@@ -182,7 +182,7 @@ def sweep_grid(sa: SweepAnalysis) -> Figure:
         ax.set_title(f"{style.literal(v)}: final training loss, mean over seeds", fontsize=10,
                      color=style.run_colors([v])[v])
     fig.colorbar(ScalarMappable(norm, cmap), ax=axes.ravel().tolist(), fraction=0.03, pad=0.01).set_label(
-        FINAL_LOSS + ", training mode")
+        "final training loss (mean of the last\n10% of mini-batch losses, training mode)")
     fig.suptitle("The sweep grid (grey \"div\": every seed diverged; \"untrained\": seeds that did not train)",
                  fontsize=11)
     return fig
