@@ -190,7 +190,8 @@ def test_init_spread_is_the_range_of_final_loss_across_scales(tmp_path):
 
 @pytest.mark.parametrize("bn, nobn, why", [
     # bn diverges at one scale: its smaller spread over the other two does not make it less sensitive
-    ({0.5: 0.3, 1.0: 0.2, 2.0: None}, {0.5: 0.9, 1.0: 0.2, 2.0: 0.6}, "nobn trained at 3 of 3 init scales, bn at 2 of 3"),
+    ({0.5: 0.3, 1.0: 0.2, 2.0: None}, {0.5: 0.9, 1.0: 0.2, 2.0: 0.6},
+     "nobn trained at 3 of 3 init scales, bn at 2 of 3"),
     ({0.5: 0.85, 1.0: 0.2, 2.0: 0.5}, {0.5: 0.9, 1.0: 0.2, 2.0: 0.6}, "bn 65 points, nobn 70 points"),  # within margin
 ])
 def test_init_claim_not_supported(tmp_path, bn, nobn, why):
@@ -202,8 +203,9 @@ def test_init_claim_not_supported(tmp_path, bn, nobn, why):
 def test_per_seed_spreads_that_disagree_are_inconclusive(tmp_path):
     finals = {("bn", 0.5): [0.3, 0.3, 0.6], ("bn", 1.0): [0.25, 0.2, 0.2],
               ("nobn", 0.5): [0.5, 0.55, 0.6], ("nobn", 1.0): [0.2, 0.2, 0.3]}
-    sa = analysed(tmp_path, grid(lambda v, lr, s, seed: outcome(floor=finals[(v, s)][seed], acc=1 - finals[(v, s)][seed]),
-                                 scales=(0.5, 1.0), seeds=(0, 1, 2)))
+    def rule(v, lr, s, seed):
+        return outcome(floor=finals[(v, s)][seed], acc=1 - finals[(v, s)][seed])
+    sa = analysed(tmp_path, grid(rule, scales=(0.5, 1.0), seeds=(0, 1, 2)))
     spreads = {v: np.abs(np.subtract(finals[(v, 0.5)], finals[(v, 1.0)])) for v in ("bn", "nobn")}  # 0.05, 0.1, 0.4
     t = sa.init_by_seed.set_index("seed")                                                            # 0.3, 0.35, 0.3
     assert t["bn_spread"].to_numpy() == pytest.approx(spreads["bn"])

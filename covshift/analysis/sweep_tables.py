@@ -247,7 +247,8 @@ def usable(runs: pd.DataFrame, scale: float, metric: str) -> pd.DataFrame:
         good = g.loc[g["within_tolerance"], "lr"]
         best = best_of(g.loc[g["trains"], metric], metric)
         rows.append({"variant": variant, "seed": int(seed), "lrs": g["lr"].nunique(), "trained": int(g["trains"].sum()),
-                     "best": best, "limit": limit(best, metric), "usable_lr": float(good.max()) if len(good) else math.nan})
+                     "best": best, "limit": limit(best, metric),
+                     "usable_lr": float(good.max()) if len(good) else math.nan})
     return pd.DataFrame(rows, columns=SEED_COLUMNS)
 
 

@@ -80,7 +80,8 @@ def lr_verdict(sa: SweepAnalysis) -> Decided:
     if all(math.isnan(y) for _, y in seeds.values()):
         bn_ok = sum(not math.isnan(x) for x, _ in seeds.values())
         if not bn_ok:
-            return "not comparable", f"neither bn nor nobn trained at any of the learning rates {_list(grid)}{in_seeds}", 0
+            return ("not comparable", f"neither bn nor nobn trained at any of the learning rates {_list(grid)} "
+                    f"({where}){in_seeds}", 0)
         text = f"nobn trained at no learning rate of {_list(grid)} ({where}){in_seeds}"
         if bn_ok == n:
             return "not comparable", f"{text} while bn did: BatchNorm made training possible", n
