@@ -272,7 +272,7 @@ def _write_report(path: Path, folder: Path, formats: tuple[str, ...], command: s
 
 
 def _grid(done: list[tuple[Job, Outcome]], title: str) -> Table:
-    """Final training loss (mean over seeds) per learning rate, init scale and variant."""
+    """Final eval-mode training loss (mean over seeds) per learning rate, init scale and variant."""
     table = Table(title=title)
     for column in ("lr", "init scale", "bn", "nobn"):
         table.add_column(column)
@@ -353,7 +353,8 @@ def sweep(
                 def on_done(job: Job, outcome: Outcome) -> None:
                     done.append((job, outcome))
                     ending = (f"diverged at step {outcome.diverged_at}" if outcome.diverged_at is not None
-                              else f"final loss {outcome.train_loss:.4g}" if outcome.train_loss is not None else "")
+                              else f"final eval-mode training loss {outcome.train_loss:.4g}" if outcome.train_loss is not None
+                              else "")
                     progress.console.print(f"{job.run}: {outcome.steps} steps, {ending}, {outcome.wall_time:.1f} s")
                     progress.advance(task)
 
@@ -362,7 +363,8 @@ def sweep(
         Console().print(_grid(done, "interrupted: finished settings so far"))
         typer.echo(f"interrupted after {len(done)} of {len(todo)} runs; trace: {path}", err=True)
         raise typer.Exit(130) from None
-    Console().print(_grid(done, f"final training loss, mean over seeds: {path}"))
+    Console().print(_grid(done, f"final eval-mode training loss (on a training subset the size of the validation "
+                                f"set), mean over seeds: {path}"))
     typer.echo(f"trace: {path}")
     _write_report(path, folder, ("md", "html"), _command(ctx), debug)
 

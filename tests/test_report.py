@@ -172,7 +172,7 @@ def test_a_sweep_decides_the_learning_rate_and_initialization_claims(tmp_path):
     found = {c.claim: c for c in claims(analyze(pair), sweep=sweep)}
     lr, init = found["higher usable learning rate"], found["lower sensitivity to initialization"]
     assert (lr.verdict, lr.figure) == ("supported", "lr_sensitivity.png")
-    assert "bn 1, nobn 0.1 (ratio 10, 1 grid step)" in lr.evidence
+    assert "bn 1, nobn 0.1 (1 grid step)" in lr.evidence and lr.label == "supported (1 seed)"
     assert (init.verdict, init.figure) == ("supported", "init_sensitivity.png")
     assert "bn 0, nobn 0.5" in init.evidence
     # the other claims come from the sweep's default pair, whose two loss curves are the same

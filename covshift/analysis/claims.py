@@ -32,8 +32,8 @@ made training possible" when bn trained in every such seed and nobn did not.
 
 A claim whose quantity the trace does not hold (no ``--ics-every``, no detail steps, no
 validation metrics) is ``not measured``, whatever the outcomes. The learning-rate and
-initialization claims come from a sweep (:mod:`covshift.analysis.sweep_findings`) and are
-``not measured`` without one.
+initialization claims come from a sweep (:mod:`covshift.analysis.sweep_verdicts`, which
+applies the same outcomes per run) and are ``not measured`` without one.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ import pandas as pd
 from . import convergence, covariate_shift, stability
 from .common import num
 from .intervals import Z, accuracy_se, mean_interval
-from .sweep_findings import init_verdict, lr_verdict
+from .sweep_verdicts import init_verdict, lr_verdict
 from .sweep_tables import FILES as SWEEP_FILES
 
 if TYPE_CHECKING:
@@ -309,11 +309,12 @@ def _decide(a: Analysis, effect: _Effect) -> Claim:
     return claim
 
 
-def _sweep_claim(name: str, option: str, figure: str, decided: tuple[str, str] | None) -> Claim:
+def _sweep_claim(name: str, option: str, figure: str, decided: tuple[str, str, int] | None) -> Claim:
+    """A sweep claim from its (verdict, evidence, seeds) (:mod:`.sweep_verdicts`)."""
     if decided is None:
         return Claim(name, "not measured", f"needs a sweep over {option} (covshift sweep)")
-    verdict, evidence = decided
-    return Claim(name, "not measured" if verdict.startswith("not measured") else verdict, evidence, figure)
+    verdict, evidence, seeds = decided
+    return Claim(name, verdict, evidence, figure, seeds=seeds)
 
 
 def claims(a: Analysis, sweep: SweepAnalysis | None = None) -> list[Claim]:

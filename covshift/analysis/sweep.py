@@ -6,7 +6,8 @@ parsed). A trace without sweep runs has no sweep, and :func:`analyze_sweep` retu
 
 :func:`analyze_sweep` returns a :class:`~covshift.analysis.sweep_tables.SweepAnalysis`: the
 per-run and grid tables of :mod:`covshift.analysis.sweep_tables` (which defines every
-quantity) with the verdicts and findings of :mod:`covshift.analysis.sweep_findings`. A report
+quantity) with the findings of :mod:`covshift.analysis.sweep_findings`; the two claims' verdicts
+are :mod:`covshift.analysis.sweep_verdicts`. A report
 describes one pair of the sweep run by run through :class:`RunView` and :func:`default_pair`;
 :mod:`covshift.report.sweep_figures` draws the sweep's figures.
 """
@@ -27,10 +28,13 @@ from .sweep_tables import (
     VARIANTS,
     SweepAnalysis,
     aggregate,
+    init_spreads,
     median_initial,
+    metric_of,
     reference,
     summaries,
     sweep_runs,
+    usable,
 )
 
 
@@ -50,8 +54,10 @@ def analyze_sweep(trace: Trace | str | os.PathLike[str]) -> SweepAnalysis | None
     lr_table.insert(2, "init_scale", scale)
     init_table = aggregate(runs[runs["lr"] == ref_lr], ["variant", "init_scale"])
     init_table.insert(2, "lr", ref_lr)
-    summary, by_seed = summaries(runs, scale, ref_lr)
-    sa = SweepAnalysis(runs, lr_table, init_table, [], m, THRESHOLD_FRACTION * m, scale, ref_lr, summary, by_seed)
+    metric = metric_of(runs)
+    by_seed = usable(runs, scale, metric)
+    sa = SweepAnalysis(runs, lr_table, init_table, [], m, THRESHOLD_FRACTION * m, scale, ref_lr, summaries(by_seed),
+                       by_seed, init_spreads(runs, ref_lr, metric), metric)
     sa.findings = sweep_findings.lr_findings(sa) + sweep_findings.init_findings(sa) + sweep_findings.failing(sa)
     return sa
 

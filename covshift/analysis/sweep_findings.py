@@ -1,24 +1,18 @@
-"""The verdicts and findings of a sweep: the learning-rate and initialization claims, what each
-variant does over the grid, and the settings where one variant trains and the other does not
-(the quantities are defined in :mod:`covshift.analysis.sweep_tables`).
+"""The findings of a sweep: what each variant does over the grid, how bn and nobn compare in
+usable learning rate and sensitivity to initialization, and the settings where one variant
+trains and the other does not (the quantities are defined in
+:mod:`covshift.analysis.sweep_tables`, the two claims' verdicts in
+:mod:`covshift.analysis.sweep_verdicts`).
 
-**Seeds.** A difference between bn and nobn is called beyond the spread across seeds only
-when their min..max ranges over seeds do not overlap. With one seed that spread is unknown.
+**Seeds.** A difference of final loss between bn and nobn at one setting is called beyond
+the spread across seeds only when their min..max ranges over seeds do not overlap. With one
+seed that spread is unknown. Usable learning rates and init spreads are compared seed by seed.
 
-**Claims** (:func:`lr_verdict`, :func:`init_verdict`; the report's claims table). *Higher
-usable learning rate*: supported when bn's usable lr is at least one grid step above nobn's (or
-nobn has none) and, with several seeds, bn's per-seed usable lr is above nobn's for every seed;
-not measured without both variants at two or more lrs. *Lower sensitivity to initialization*:
-supported when bn's init spread ≤ (1 − margin) × nobn's and bn diverges at no more init scales
-than nobn (where a spread is undefined: at fewer), and, with several seeds, bn's largest
-per-seed spread is below nobn's smallest; not measured without both variants at two or more
-init scales.
-
-**Failing settings.** A setting (lr, init scale) where, for some seed, one variant trains and
-the other does not. Its finding compares mean saturation and median gradient ratio of those
-runs and names a pair (the smallest such seed). Settings at the reference init scale belong
-to the ``learning_rate`` section, the others to ``initialization``; at most ``MAX_SETTINGS``
-are described.
+**Failing settings.** A setting (lr, init scale) where, for some seed, one variant trained
+and the other did not (run outcomes). Its finding compares mean saturation and median
+gradient ratio of those runs and names a pair (the smallest such seed). Settings at the
+reference init scale belong to the ``learning_rate`` section, the others to
+``initialization``; at most ``MAX_SETTINGS`` are described.
 """
 
 from __future__ import annotations
@@ -29,98 +23,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import common, gradient_flow, sweep_tables
+from . import common, gradient_flow, outcomes, sweep_tables
 from .common import Finding
 from .generalization import TAIL_FRACTION
-from .sweep_tables import THRESHOLD_FRACTION, TRAINS_FRACTION, VARIANTS, SweepAnalysis, fmt_g
+from .sweep_tables import THRESHOLD_FRACTION, VARIANTS, SweepAnalysis, fmt_g
+from .sweep_verdicts import above, grid_steps, lr_word, metric_name, per_seed, spread_word, trained_counts, usable_rule
 
 PAIR_FIGURES = 3  #: failing settings whose pair gets its own saturation and gradient-flow figures
 MAX_SETTINGS = 8           #: at most this many failing settings get a finding
 
 
-def _grid_steps(sa: SweepAnalysis, a: float, b: float) -> int:
-    grid = sorted(set(sa.runs.loc[sa.runs["init_scale"] == sa.init_scale, "lr"]))
-    return grid.index(a) - grid.index(b)
-
-
-def _get(sa: SweepAnalysis, variant: str) -> pd.Series | None:
-    s = sa.summary
-    rows = s[s["variant"] == variant] if s is not None and len(s) else pd.DataFrame()
-    return None if rows.empty else rows.iloc[0]
-
-
-def _per_seed(sa: SweepAnalysis, column: str) -> dict[int, tuple[float, float]]:
-    """Seed -> (bn value, nobn value) of a by_seed column, for seeds both variants have."""
-    t = sa.by_seed if sa.by_seed is not None else pd.DataFrame(columns=["variant", "seed", column])
-    both = t[t["variant"] == "bn"].merge(t[t["variant"] == "nobn"], on="seed", suffixes=("_bn", "_nobn"))
-    return {int(s): (float(x), float(y)) for s, x, y in zip(both["seed"], both[f"{column}_bn"], both[f"{column}_nobn"])}
-
-
-def _above(x: float, y: float) -> bool:
-    """Whether a usable lr ``x`` is higher than ``y`` (NaN: none, lower than any)."""
-    return not math.isnan(x) and (math.isnan(y) or x > y)
-
-
-def lr_verdict(sa: SweepAnalysis) -> tuple[str, str]:
-    """Verdict and evidence for "higher usable learning rate" (see the module docstring)."""
-    bn, nobn = _get(sa, "bn"), _get(sa, "nobn")
-    grid = sorted(set(sa.runs.loc[sa.runs["init_scale"] == sa.init_scale, "lr"]))
-    if bn is None or nobn is None or len(grid) < 2:
-        return "not measured in this trace", (f"the sweep needs bn and nobn runs at two or more learning rates "
-                                              f"(init scale {fmt_g(sa.init_scale)})")
-    b, n = bn["usable_lr"], nobn["usable_lr"]
-    where = f"largest learning rate at which every seed trains (init scale {fmt_g(sa.init_scale)})"
-    if math.isnan(b):
-        return "not supported", f"{where}: bn none, nobn " + ("none" if math.isnan(n) else fmt_g(n))
-    if math.isnan(n):
-        higher, evidence = True, f"{where}: bn {fmt_g(b)}, nobn none of {', '.join(map(fmt_g, grid))}"
-    else:
-        steps = _grid_steps(sa, b, n)
-        higher = steps >= 1
-        evidence = (f"{where}: bn {fmt_g(b)}, nobn {fmt_g(n)} (ratio {common.num(b / n)}, {steps} grid "
-                    f"step{'' if steps == 1 else 's'})")
-    per_seed = _per_seed(sa, "usable_lr")
-    if len(sweep_tables.seeds(sa)) > 1:
-        fails = [s for s, (x, y) in per_seed.items() if not _above(x, y)]
-        if fails:
-            higher = False
-            evidence += "; not higher for seed " + ", ".join(
-                f"{s} (bn {fmt_g(per_seed[s][0])}, nobn {fmt_g(per_seed[s][1])})" for s in fails)
-        else:
-            evidence += f"; higher for each of the {len(per_seed)} seeds"
-    return ("supported" if higher else "not supported"), evidence
-
-
-def init_verdict(sa: SweepAnalysis, margin: float) -> tuple[str, str]:
-    """Verdict and evidence for "lower sensitivity to initialization"."""
-    bn, nobn = _get(sa, "bn"), _get(sa, "nobn")
-    if bn is None or nobn is None or min(bn["init_scales"], nobn["init_scales"]) < 2:
-        return "not measured in this trace", (f"the sweep needs bn and nobn runs at two or more init scales "
-                                              f"(lr {fmt_g(sa.ref_lr)})")
-    bs, ns = bn["init_spread"], nobn["init_spread"]
-    bd, nd = len(bn["diverging_scales"]), len(nobn["diverging_scales"])
-    evidence = (f"spread of the mean final loss across init scales at lr {fmt_g(sa.ref_lr)}: bn {common.num(bs)}, "
-                f"nobn {common.num(ns)}; init scales that diverge: bn {bd}, nobn {nd}")
-    if _finite(bs, ns):
-        lower = bs <= (1 - margin) * ns and bd <= nd
-    else:
-        lower = bd < nd
-        evidence += " (a spread needs two init scales without divergence)"
-    if len(sweep_tables.seeds(sa)) > 1 and _finite(bs, ns):
-        ranges = [(bn["seed_spread_min"], bn["seed_spread_max"]), (nobn["seed_spread_min"], nobn["seed_spread_max"])]
-        apart = _finite(*ranges[0], *ranges[1]) and ranges[0][1] < ranges[1][0]
-        evidence += (f"; per-seed spreads bn {_span(*ranges[0])}, nobn {_span(*ranges[1])} "
-                     + ("do not overlap" if apart else "overlap"))
-        lower = lower and apart
-    return ("supported" if lower else "not supported"), evidence
-
-
 def _finite(*values: float) -> bool:
     return all(isinstance(v, (int, float, np.floating)) and math.isfinite(v) for v in values)
-
-
-def _span(lo: float, hi: float) -> str:
-    return f"{common.num(lo)}..{common.num(hi)}"
 
 
 def _seeds_word(n: int) -> str:
@@ -141,8 +55,8 @@ def _describe(row: pd.Series, threshold: float) -> str:
         return "diverges" + ("" if n == 1 else " in both seeds" if n == 2 else f" in all {n} seeds")
     several = n - d > 1
     parts = [f"final loss {_stat(row, 'final_loss', common.num, several)}"]
-    if _finite(row["best_val_accuracy"]):
-        parts.append(f"best validation accuracy {_stat(row, 'best_val_accuracy', common.pct, several)}")
+    if _finite(row["final_accuracy"]):
+        parts.append(f"final validation accuracy {_stat(row, 'final_accuracy', common.pct, several)}")
     if row["reached"]:
         step = _stat(row, "steps_to_threshold", lambda x: f"{x:.0f}", several)
         parts.append(f"loss ≤ {common.num(threshold)} at step {step}"
@@ -173,12 +87,13 @@ def lr_findings(sa: SweepAnalysis) -> list[Finding]:
     out = [Finding("learning_rate", (
         f"The sweep has {len(runs)} runs: {' and '.join(variants)} at learning rates {', '.join(map(fmt_g, lrs))}, "
         f"init scales {', '.join(map(fmt_g, scales))} and seed{'s' if len(seeds) > 1 else ''} "
-        f"{', '.join(map(str, seeds))}; {int(runs['diverged'].sum())} diverged. A run trains when it does not "
-        f"diverge and its final loss (mean of its last {TAIL_FRACTION:.0%} of steps) is at most "
-        f"{common.num(TRAINS_FRACTION * sa.initial_loss)} ({TRAINS_FRACTION:g} times {common.num(sa.initial_loss)}, "
-        f"the median initial loss of the runs that did not diverge); steps to threshold count the steps until "
-        f"the smoothed loss is at most {THRESHOLD_FRACTION:g} times that, {common.num(sa.threshold)}."),
-        value=sa.initial_loss)]
+        f"{', '.join(map(str, seeds))}; {int(runs['trains'].sum())} trained, {int(runs['diverged'].sum())} diverged. "
+        f"A run trained when it removed at least {outcomes.TRAINED_REMOVED:.0%} of its initial loss, or between "
+        f"{outcomes.MIN_REMOVED:.0%} and that, at least {outcomes.RELATIVE:.0%} of the best improvement among the "
+        f"runs of its seed and init scale (the run outcomes). A variant's usable learning rate is {usable_rule(sa)}. "
+        f"Steps to threshold count the steps until the smoothed loss is at most {THRESHOLD_FRACTION:g} times "
+        f"{common.num(sa.initial_loss)} (the median initial loss of the runs that did not diverge), "
+        f"{common.num(sa.threshold)}."), value=sa.initial_loss)]
     if len(seeds) > 1:
         out.append(Finding("learning_rate", f"With {len(seeds)} seeds per setting, a difference between bn and nobn "
                            "is called beyond the spread across seeds only when their min..max ranges over the seeds "
@@ -190,19 +105,7 @@ def lr_findings(sa: SweepAnalysis) -> list[Finding]:
     table = sa.lr
     grid = sorted(set(table["lr"]))
     for variant in variants:
-        mine = table[table["variant"] == variant].set_index("lr")
-        usable = float(_get(sa, variant)["usable_lr"])  # type: ignore[index]
-        fails = [f"{fmt_g(lr)} ({_failure(r)})" for lr, r in mine.iterrows() if r["trains"] < r["runs"]]
-        if math.isnan(usable):
-            text = (f"At init scale {fmt_g(sa.init_scale)}, {variant} trains with every seed at none of the learning "
-                    f"rates {', '.join(map(fmt_g, grid))}")
-        else:
-            text = (f"At init scale {fmt_g(sa.init_scale)}, {variant} trains with every seed up to learning rate "
-                    f"{fmt_g(usable)}")
-            if usable == grid[-1]:
-                text += " (the largest of the sweep, so its limit may lie higher)"
-        text += ("; it fails at " + ", ".join(fails)) if fails else ""
-        out.append(Finding("learning_rate", text + ".", value=usable))
+        out.append(_variant_lr(sa, variant, table[table["variant"] == variant].set_index("lr"), grid))
     out += _lr_comparison(sa)
     for lr in grid:
         at = table[table["lr"] == lr]
@@ -224,34 +127,59 @@ def _failure(row: pd.Series) -> str:
     return " and ".join(parts)
 
 
-def _lr_comparison(sa: SweepAnalysis) -> list[Finding]:
-    bn, nobn = _get(sa, "bn"), _get(sa, "nobn")
-    if bn is None or nobn is None:
-        return []
-    b, n = float(bn["usable_lr"]), float(nobn["usable_lr"])
-    if math.isnan(b) and math.isnan(n):
-        text = "Neither bn nor nobn trains with every seed at any learning rate of the sweep."
-    elif math.isnan(n) or math.isnan(b):
-        good, bad, lr = ("bn", "nobn", b) if math.isnan(n) else ("nobn", "bn", n)
-        text = f"{good} trains with every seed up to learning rate {fmt_g(lr)}; {bad} at none of the sweep's."
-    elif b == n:
-        text = f"bn and nobn have the same largest trainable learning rate, {fmt_g(b)}."
+def _variant_lr(sa: SweepAnalysis, variant: str, mine: pd.DataFrame, grid: list[float]) -> Finding:
+    """A variant's usable learning rate per seed, where it fails, and where it trains but is not usable."""
+    t = sa.by_seed if sa.by_seed is not None else pd.DataFrame(columns=sweep_tables.SEED_COLUMNS)
+    rows = t[t["variant"] == variant]
+    values = [float(x) for x in rows["usable_lr"]]
+    if len(rows) == 1:
+        usable = lr_word(values[0])
     else:
-        steps = _grid_steps(sa, b, n)
-        text = (f"bn's largest trainable learning rate is {common.num(b / n)} times nobn's ({fmt_g(b)} vs {fmt_g(n)}; "
-                f"{abs(steps)} grid step{'s' if abs(steps) != 1 else ''} {'higher' if steps > 0 else 'lower'}).")
-    per_seed = _per_seed(sa, "usable_lr")
-    if len(sweep_tables.seeds(sa)) > 1 and per_seed:
-        def word(x: float) -> str:
-            return "none" if math.isnan(x) else fmt_g(x)
-        listed = "; ".join(f"seed {s}: bn {word(x)}, nobn {word(y)}" for s, (x, y) in per_seed.items())
-        higher = [s for s, (x, y) in per_seed.items() if _above(x, y)]
-        if len(higher) == len(per_seed):
-            text += f" Per seed ({listed}) bn's is higher for every seed, so the difference holds across seeds."
+        usable = ", ".join(f"{lr_word(x)} (seed {s})" for x, s in zip(values, rows["seed"]))
+    text = f"At init scale {fmt_g(sa.init_scale)}, {variant}'s usable learning rate is {usable}"
+    if values and max(values, default=math.nan) == grid[-1]:
+        text += " (the largest of the sweep, so its limit may lie higher)"
+    fails = [f"{fmt_g(lr)} ({_failure(r)})" for lr, r in mine.iterrows() if r["trains"] < r["runs"]]
+    text += ("; it fails at " + ", ".join(fails)) if fails else ""
+    outside = [(lr, r) for lr, r in mine.iterrows() if r["within"] < r["trains"]]
+    if outside:
+        text += "; it trains but ends outside the tolerance of its best at " + ", ".join(
+            f"{fmt_g(lr)} ({_outside(sa, rows, r)})" for lr, r in outside)
+    return Finding("learning_rate", text + ".", value=min(values, default=math.nan))
+
+
+def _outside(sa: SweepAnalysis, rows: pd.DataFrame, r: pd.Series) -> str:
+    """How far a setting's trained runs end from the variant's best: "64.9% against 95.8%"."""
+    if len(rows) != 1:
+        return f"in {int(r['trains'] - r['within'])} of {_seeds_word(int(r['runs']))}"
+    fmt = common.pct if sa.metric == "final_accuracy" else common.num
+    return f"{metric_name(sa)} {fmt(r[sa.metric])} against {fmt(rows['best'].iloc[0])}"
+
+
+def _lr_comparison(sa: SweepAnalysis) -> list[Finding]:
+    seeds = per_seed(sa)
+    if not seeds:
+        return []
+    if len(seeds) == 1:
+        b, n = next(iter(seeds.values()))
+        if math.isnan(b) and math.isnan(n):
+            text = "Neither bn nor nobn has a usable learning rate in the sweep: neither trained at any."
+        elif math.isnan(n) or math.isnan(b):
+            good, bad, lr = ("bn", "nobn", b) if math.isnan(n) else ("nobn", "bn", n)
+            text = f"{good}'s usable learning rate is {fmt_g(lr)}; {bad} trained at none of the sweep's."
+        elif b == n:
+            text = f"bn and nobn have the same usable learning rate, {fmt_g(b)}."
         else:
-            text += (f" Per seed ({listed}) bn's is higher for {len(higher)} of {len(per_seed)} seeds, so a higher "
-                     "usable learning rate for bn is not beyond the spread across seeds.")
-    return [Finding("learning_rate", text, value=b / n if _finite(b, n) and n > 0 else None)]
+            steps = grid_steps(sa, b, n)
+            text = (f"bn's usable learning rate is {common.num(b / n)} times nobn's ({fmt_g(b)} vs {fmt_g(n)}; "
+                    f"{abs(steps)} grid step{'s' if abs(steps) != 1 else ''} {'higher' if steps > 0 else 'lower'}).")
+        return [Finding("learning_rate", text, value=b / n if _finite(b, n) and n > 0 else None)]
+    listed = "; ".join(f"seed {s}: bn {lr_word(x)}, nobn {lr_word(y)}" for s, (x, y) in seeds.items())
+    higher = sum(above(x, y) for x, y in seeds.values())
+    text = f"Usable learning rates per seed ({listed}): bn's is higher in {higher} of {len(seeds)} seeds"
+    text += (", so the difference holds in every seed." if higher == len(seeds) else
+             ", so the seeds disagree." if higher else ".")
+    return [Finding("learning_rate", text, value=float(higher))]
 
 
 def init_findings(sa: SweepAnalysis) -> list[Finding]:
@@ -260,7 +188,6 @@ def init_findings(sa: SweepAnalysis) -> list[Finding]:
     where = f"At learning rate {fmt_g(sa.ref_lr)} (the closest to the sweep's median learning rate on a log scale)"
     for variant in sorted(set(table["variant"].dropna())):
         mine = table[table["variant"] == variant]
-        summary = _get(sa, variant)
         ok = mine[mine["final_loss"].notna()]
         if ok.empty:
             text = f"{where}, {variant} diverges at every init scale."
@@ -279,27 +206,21 @@ def init_findings(sa: SweepAnalysis) -> list[Finding]:
                 f"{fmt_g(r['init_scale'])} (in {int(r['diverged'])} of {int(r['runs'])} seeds)"
                 for _, r in div.iterrows())
                      if len(div) else "; it diverges at no init scale") + "."
-        out.append(Finding("initialization", text, value=float(summary["init_spread"])))  # type: ignore[index]
-    bn, nobn = _get(sa, "bn"), _get(sa, "nobn")
-    if bn is None or nobn is None:
+        out.append(Finding("initialization", text, value=float(ok["final_loss"].max() - ok["final_loss"].min())
+                           if len(ok) else None))
+    t = sa.init_by_seed
+    if t is None or t.empty or t["scales"].max() < 2:
         return out
-    bs, ns = float(bn["init_spread"]), float(nobn["init_spread"])
-    bd, nd = len(bn["diverging_scales"]), len(nobn["diverging_scales"])
-    if _finite(bs, ns):
-        ratio = f"{common.num(bs / ns)} times nobn's" if ns > 0 else "compared with nobn's"
-        text = f"bn's spread of final loss across init scales is {ratio} ({common.num(bs)} vs {common.num(ns)})"
+    both = t[t["both"] >= 2]
+    if both.empty:
+        text = (f"{trained_counts(t)} at learning rate {fmt_g(sa.ref_lr)}: no seed has two init scales at which "
+                "both variants trained, so their sensitivity to initialization cannot be compared.")
     else:
-        text = "A spread of final loss needs two init scales without divergence, which " + " and ".join(
-            v for v, x in (("bn", bs), ("nobn", ns)) if not _finite(x)) + " lacks"
-    text += f"; bn diverges at {bd} init scale{'s' if bd != 1 else ''}, nobn at {nd}."
-    if len(sweep_tables.seeds(sa)) > 1 and _finite(bs, ns):
-        brange, nrange = ((s["seed_spread_min"], s["seed_spread_max"]) for s in (bn, nobn))
-        if _finite(*brange, *nrange):
-            apart = brange[1] < nrange[0] or nrange[1] < brange[0]
-            text += (f" Per seed the spreads are bn {_span(*brange)} and nobn {_span(*nrange)}: the ranges "
-                     + ("do not overlap, so the difference is beyond the spread across seeds." if apart else
-                        "overlap, so the difference is within the spread across seeds."))
-    out.append(Finding("initialization", text, value=bs - ns if _finite(bs, ns) else None))
+        listed = "; ".join((f"seed {r.seed}: " if len(t) > 1 else "") + f"bn {spread_word(sa, r.bn_spread)}, "
+                           f"nobn {spread_word(sa, r.nobn_spread)} over {r.both} scales" for r in both.itertuples())
+        text = (f"Over the init scales at which both variants trained, the spread (max − min) of the "
+                f"{metric_name(sa)} is {listed}; {trained_counts(t)}.")
+    out.append(Finding("initialization", text))
     return out
 
 
@@ -337,9 +258,8 @@ def failing(sa: SweepAnalysis) -> list[Finding]:
                                                                  if isinstance(layer, str) else "") + ")")
         flat = fail[~fail[f"diverged_{bad}"]]
         if len(flat):
-            parts.append(f"does not train in {len(flat)} of {_seeds_word(total)} (final loss "
-                         f"{', '.join(common.num(x) for x in flat[f'final_loss_{bad}'])} > "
-                         f"{common.num(TRAINS_FRACTION * sa.initial_loss)})")
+            parts.append(f"does not train in {len(flat)} of {_seeds_word(total)} (it removed "
+                         f"{', '.join(common.pct(x) for x in flat[f'loss_removed_{bad}'])} of its initial loss)")
         text = (f"At learning rate {fmt_g(lr)}, init scale {fmt_g(scale)}, {bad} {' and '.join(parts)} while {good} "
                 f"trains (final loss {', '.join(common.num(x) for x in fail[f'final_loss_{good}'])}).")
         compare = []
