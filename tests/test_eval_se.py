@@ -81,6 +81,7 @@ def test_a_user_function_is_applied_example_by_example(tmp_path):
 
 
 def test_a_loss_that_is_not_a_mean_over_examples_records_no_standard_error(tmp_path):
-    loss = "\n\ndef loss_fn(output, target):\n    return nn.functional.cross_entropy(output, target, reduction='sum') / 10\n"
+    loss = ("\n\ndef loss_fn(output, target):\n"
+            "    return nn.functional.cross_entropy(output, target, reduction='sum') / 10\n")
     _, _, _, last = train(tmp_path, CLASSES, loss)
     assert "val_loss" in last and "val_loss_se" not in last and "train_eval_loss_se" not in last

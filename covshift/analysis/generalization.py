@@ -115,15 +115,15 @@ def accuracy_difference_se(m: dict) -> float:
 
 
 def points(m: dict, bn: str = "bn", nobn: str = "nobn") -> str:
-    """Where :func:`matched` read the two runs, e.g. "bn at step 40; nobn at step 900"."""
+    """Where :func:`matched` read the two runs, e.g. "bn at step 40, nobn at step 900"."""
     def at(name: str, side: dict) -> str:
         if not math.isfinite(side["step"]):
             return f"{name} without evaluations"
         text = f"{name} at step {round(side['step'])}"
         if m["matched"] and side["train_loss"] < m["level"]:
-            text += f", its first evaluation, already at {common.num(side['train_loss'])}"
+            text += f" (its first evaluation, already at {common.num(side['train_loss'])})"
         return text
-    return f"{at(bn, m['bn'])}; {at(nobn, m['nobn'])}"
+    return f"{at(bn, m['bn'])}, {at(nobn, m['nobn'])}"
 
 
 def where(m: dict) -> str:
