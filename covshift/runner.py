@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .example_losses import per_example
 from .modelfile import ModelFile, ModelFileError, user_traceback
 from .store import TraceWriter, load
 from .ics import Instruments
@@ -163,39 +164,50 @@ def check_model(mf: ModelFile, model: nn.Module, run: str, x: Any, y: Any) -> No
 @dataclass
 class Evaluation:
     """One pass over a data set in eval mode. ``accuracy`` and ``majority`` (the frequency of
-    the most common class: the accuracy of always guessing it) only for class-index targets."""
+    the most common class: the accuracy of always guessing it) only for class-index targets;
+    ``loss_se``, the standard error of the mean loss, only when the loss function gives
+    per-example losses (:mod:`covshift.example_losses`)."""
 
     loss: float
     accuracy: float | None = None
     majority: float | None = None
+    loss_se: float | None = None
 
     def metrics(self, prefix: str) -> dict[str, float]:
-        """``{prefix}_loss`` and, when measured, ``{prefix}_accuracy``."""
-        found = {"loss": self.loss, "accuracy": self.accuracy}
+        """``{prefix}_loss`` and, when measured, ``{prefix}_loss_se`` and ``{prefix}_accuracy``."""
+        found = {"loss": self.loss, "loss_se": self.loss_se, "accuracy": self.accuracy}
         return {f"{prefix}_{name}": value for name, value in found.items() if value is not None}
 
 
 def evaluate(model: nn.Module, data: DataLoader, loss_fn: Callable, device: torch.device) -> Evaluation:
-    """The model's mean loss over ``data`` in eval mode, without gradients, and for
-    class-index targets its accuracy."""
+    """The model's mean loss over ``data`` in eval mode, without gradients, with its standard
+    error (the sample std, ddof 1, of the per-example losses over √n), and for class-index
+    targets its accuracy."""
     model.eval()
     total, count, correct, classify = 0.0, 0, 0, True
     classes: Counter[int] = Counter()
+    examples: list[torch.Tensor] | None = []
     with torch.no_grad():
         for batch in data:
             x, y = to_device(batch, device)
             out = model(x)
-            total += float(loss_fn(out, y)) * len(y)
+            loss = float(loss_fn(out, y))
+            total += loss * len(y)
             count += len(y)
+            if examples is not None:  # None once a batch gave no per-example losses
+                values = per_example(loss_fn, out, y, loss)
+                examples = None if values is None else [*examples, values]
             classify = classify and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
             if classify:
                 correct += int((out.argmax(1) == y).sum())
                 labels, counts = torch.unique(y, return_counts=True)
                 classes.update(dict(zip(labels.tolist(), counts.tolist())))
     model.train()
+    every = torch.cat(examples) if examples else torch.empty(0)
+    se = float(every.std() / math.sqrt(len(every))) if len(every) > 1 else None
     if not (classify and count):
-        return Evaluation(total / max(count, 1))
-    return Evaluation(total / count, correct / count, max(classes.values()) / count)
+        return Evaluation(total / max(count, 1), loss_se=se)
+    return Evaluation(total / count, correct / count, max(classes.values()) / count, se)
 
 
 def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:

@@ -221,14 +221,17 @@ def test_roughness_and_val_spikes(tmp_path):
         "flat": {"scalars": loss_rows([2.0, 2.0, 2.0])}})
     a = analyze(trace)
     s = a.stability.set_index("run")
-    assert list(a.stability.columns) == ["run", "roughness", "val_spikes", "val_evaluations", "spike_steps"]
+    assert list(a.stability.columns) == ["run", "roughness", "val_spikes", "val_evaluations", "spike_steps",
+                                         "spike_rule"]
+    assert s.loc["wobbly", "spike_rule"] == "relative"  # no val_loss_se: the 10% rule alone
     assert s.loc["mono", "roughness"] == pytest.approx(np.std(np.diff(np.log([4.0, 3.0, 2.0, 1.0])), ddof=1))
     assert math.isnan(s.loc["wobbly", "roughness"])  # a loss of 0 has no log
     assert s.loc["flat", "roughness"] == 0.0
     assert s.loc["wobbly", "val_spikes"] == 2 and s.loc["wobbly", "spike_steps"] == [2, 4]
     assert math.isnan(s.loc["mono", "val_spikes"])
     sentences = texts(a, "stability")
-    assert any("wobbly" in t and "2 of its 5 evaluations" in t and "steps 2, 4" in t for t in sentences)
+    assert any("wobbly" in t and "2 of its 5 evaluations" in t and "steps 2, 4" in t
+               and "no standard error recorded: the relative rule alone" in t for t in sentences)
     assert any("mono run's roughness (std of the step-to-step change of log loss)" in t for t in sentences)
     assert not any("mono run's validation" in t for t in sentences)
 

@@ -50,6 +50,7 @@ class Analysis:
     shift_summary: pd.DataFrame
     divergence: pd.DataFrame
     instruments: pd.DataFrame  #: the gradient-based ICS and landscape measurements (:mod:`.instruments`)
+    evaluations: pd.DataFrame  #: per run and evaluation: train_eval_loss, val_loss, ... (:mod:`.generalization`)
     losses: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  #: finite loss per run
     configs: dict[str, dict] = field(default_factory=dict)  #: each run's config
     findings: list[Finding] = field(default_factory=list)
@@ -70,7 +71,8 @@ def analyze(trace: Trace | str | os.PathLike[str]) -> Analysis:
 def _analyze(trace: Trace) -> Analysis:
     runs = trace.runs
     info = trace.layer_info()
-    run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy", "train_eval_loss"])
+    run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy", "train_eval_loss",
+                                                                 "val_loss_se"])
     layer_frame = trace.scalars(metric=["saturation", "gain", "grad_norm", "std", "nonfinite",
                                         "weight.update_ratio", "unit_count"])
     layer_frame = layer_frame[layer_frame["layer"] != ""]
@@ -83,6 +85,8 @@ def _analyze(trace: Trace) -> Analysis:
     conv = convergence.table(runs, losses)
     stab = stability.table(runs, losses, run_frame)
     gen = generalization.table(runs, losses, run_frame)
+    configs = {run: trace.config(run) for run in runs}
+    evaluations = generalization.evaluations(runs, run_frame, configs)
     sat = saturation.table(layer_frame, info)
     flow = gradient_flow.table(layer_frame, info)
     gradient_summary = gradient_flow.summary(runs, flow, layer_frame)
@@ -92,9 +96,9 @@ def _analyze(trace: Trace) -> Analysis:
     result = outcomes.table(trace, runs, losses, run_frame, div, seeds)
 
     findings = (outcomes.findings(result, seeds) + convergence.findings(conv, pair) + stability.findings(stab)
-                + generalization.findings(gen) + saturation.findings(sat, runs, pair)
-                + gradient_flow.findings(gradient_summary, pair)
+                + generalization.findings(gen) + generalization.pair_finding(evaluations, pair)
+                + saturation.findings(sat, runs, pair) + gradient_flow.findings(gradient_summary, pair)
                 + covariate_shift.findings(shift_summary, info, pairs, runs, pair)
                 + divergence.findings(div))
     return Analysis(runs, seeds, result, pairs, conv, stab, gen, sat, flow, gradient_summary, shift, shift_summary,
-                    div, instruments.measurements(trace), losses, {run: trace.config(run) for run in runs}, findings)
+                    div, instruments.measurements(trace), evaluations, losses, configs, findings)

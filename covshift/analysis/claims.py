@@ -46,9 +46,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from . import convergence, covariate_shift, stability
+from . import convergence, covariate_shift, generalization, stability
 from .common import num
-from .intervals import Z, accuracy_se, mean_interval
+from .intervals import Z, mean_interval
 from .sweep_verdicts import init_verdict, lr_verdict
 from .sweep_tables import FILES as SWEEP_FILES
 
@@ -213,16 +213,19 @@ def _landscape(a: Analysis, bn: str, nobn: str) -> Measure:
 
 
 def _generalization(a: Analysis, bn: str, nobn: str) -> Measure:
-    """Final validation accuracy (its binomial standard error from the validation set's size),
-    else the final validation loss; the note gives both runs' final eval-mode training loss."""
-    g = a.generalization.set_index("run")
-    b, n = g.loc[bn], g.loc[nobn]
-    note = f"training loss at that point: bn {num(b['train_loss'])}, nobn {num(n['train_loss'])}"
+    """Validation accuracy at the matched training loss (:func:`.generalization.matched`), with
+    the binomial standard error of the difference from each run's ``val_examples``; without
+    accuracy, the validation loss there (ratio: a loss is positive, the gap need not be, and at
+    equal training loss a lower validation loss is a smaller gap). The note gives the matched
+    level and both steps; without eval-mode training loss, the last evaluations, "not matched"."""
+    m = generalization.matched(a.evaluations, bn, nobn)
+    b, n = m["bn"], m["nobn"]
+    note = generalization.where(m)
     if math.isfinite(b["val_accuracy"]) and math.isfinite(n["val_accuracy"]):
-        se = math.hypot(accuracy_se(b["val_accuracy"], a.configs[bn].get("val_examples") or math.nan),
-                        accuracy_se(n["val_accuracy"], a.configs[nobn].get("val_examples") or math.nan))
-        return Measure(float(b["val_accuracy"]), float(n["val_accuracy"]), note, se, higher_is_better=True)
-    return Measure(float(b["val_loss"]), float(n["val_loss"]), note + "; no accuracy: compared by validation loss")
+        return Measure(b["val_accuracy"], n["val_accuracy"], note, generalization.accuracy_difference_se(m),
+                       higher_is_better=True)
+    gaps = f"; gap bn {num(b['gap'])}, nobn {num(n['gap'])}" if math.isfinite(b["gap"] + n["gap"]) else ""
+    return Measure(b["val_loss"], n["val_loss"], note + "; no accuracy: compared by validation loss" + gaps)
 
 
 EFFECTS = [
@@ -237,7 +240,8 @@ EFFECTS = [
             "ics.png", _ics, lambda a: _has(a, "ics_rel"), "covshift trace --ics-every N"),
     _Effect("smoother loss landscape", "median effective β-smoothness along the gradient", "landscape.png",
             _landscape, lambda a: _has(a, "beta_smoothness"), "covshift trace --ics-every N"),
-    _Effect("better generalization", "final validation accuracy", "batchnorm_training_loss.png",
+    _Effect("better generalization", "validation accuracy at the lowest eval-mode training loss both runs reach",
+            "batchnorm_training_loss.png",
             _generalization, lambda a: bool(a.generalization[["val_loss", "val_accuracy"]].notna().any(axis=None)),
             "validation metrics: covshift trace logs them"),
 ]
