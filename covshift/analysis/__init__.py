@@ -71,7 +71,7 @@ def _analyze(trace: Trace) -> Analysis:
     runs = trace.runs
     info = trace.layer_info()
     run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy", "train_eval_loss"])
-    layer_frame = trace.scalars(metric=["saturation", "gain", "grad_norm", "std", "nonfinite",
+    layer_frame = trace.scalars(metric=["saturation", "gain", "dead", "grad_norm", "grad_rms", "std", "nonfinite",
                                         "weight.update_ratio"])
     layer_frame = layer_frame[layer_frame["layer"] != ""]
     raw = {run: common.series(run_frame, run, "loss") for run in runs}
@@ -83,17 +83,19 @@ def _analyze(trace: Trace) -> Analysis:
     conv = convergence.table(runs, losses)
     stab = stability.table(runs, losses, run_frame)
     gen = generalization.table(runs, losses, run_frame)
-    sat = saturation.table(layer_frame, info)
+    units = trace.units()
+    sat = saturation.table(layer_frame, info, units)
     flow = gradient_flow.table(layer_frame, info)
     gradient_summary = gradient_flow.summary(runs, flow, layer_frame)
-    shift = covariate_shift.table(trace.units(), trace.histograms(), layer_frame, info)
+    shift = covariate_shift.table(units, trace.histograms(), layer_frame, info)
     shift_summary = covariate_shift.summary(runs, shift, info)
     div = divergence.table(trace, runs, raw, layer_frame, info)
     result = outcomes.table(trace, runs, losses, run_frame, div, seeds)
 
     findings = (outcomes.findings(result, seeds) + convergence.findings(conv, pair) + stability.findings(stab)
-                + generalization.findings(gen) + saturation.findings(sat, runs, pair)
-                + gradient_flow.findings(gradient_summary, pair) + covariate_shift.findings(shift_summary, runs, pair)
+                + generalization.findings(gen) + saturation.findings(sat, runs, pair, pairs)
+                + gradient_flow.findings(gradient_summary, pair, pairs)
+                + covariate_shift.findings(shift_summary, runs, pair)
                 + divergence.findings(div))
     return Analysis(runs, seeds, result, pairs, conv, stab, gen, sat, flow, gradient_summary, shift, shift_summary,
                     div, instruments.measurements(trace), losses, {run: trace.config(run) for run in runs}, findings)

@@ -49,6 +49,11 @@ def _roles(info: pd.DataFrame, run: str) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
+def layers(info: pd.DataFrame, run: str, kind: str) -> list[str]:
+    """One run's layers of a role ``kind`` ('weighted' | 'nonlinearity' | 'input'), in forward order."""
+    return [layer for layer, _ in _roles(info, run)[kind]]
+
+
 def pairs(info: pd.DataFrame, bn: str, nobn: str) -> pd.DataFrame:
     """The role table ``role, kind, index, bn, nobn`` of two runs (see the module docstring)."""
     a, b = _roles(info, bn), _roles(info, nobn)
