@@ -56,6 +56,11 @@ def verdict(ratio: float) -> str | None:
     return "vanishing" if ratio < VANISHING else "exploding" if ratio > EXPLODING else "healthy"
 
 
+def _times(x: float) -> str:
+    """A factor ≥ 1 as ``45×`` or ``1,000×`` (no exponent notation)."""
+    return f"{common.num(x)}×" if x < 999.5 else f"{x:,.0f}×"
+
+
 def describe(ratio: float) -> str:
     """A first/last ratio in plain words: ``attenuates 45×``, ``grows 3×``, ..."""
     if not ratio == ratio:
@@ -64,7 +69,7 @@ def describe(ratio: float) -> str:
         return "is zero at the " + ("first" if ratio == 0 else "last") + " layer"
     if ratio == 1:
         return "keeps its size"
-    return f"attenuates {common.num(1 / ratio)}×" if ratio < 1 else f"grows {common.num(ratio)}×"
+    return f"attenuates {_times(1 / ratio)}" if ratio < 1 else f"grows {_times(ratio)}"
 
 
 def per_layer(ratio: float, layers: float) -> float:
@@ -140,7 +145,7 @@ def _flow(r: pd.Series) -> str:
     text = f"{describe(r['median_ratio'])} over {r['layers']} Linear/Conv layers"
     p = float(r["per_layer"])
     if 0 < p < math.inf and p != 1:
-        text += f" ({common.num(max(p, 1 / p))}× per layer)"
+        text += f" ({_times(max(p, 1 / p))} per layer)"
     return f"{text}, {r['verdict']}"
 
 
@@ -163,7 +168,7 @@ def _compare(summary: pd.DataFrame, pairs: pd.DataFrame, pair: tuple[str, str]) 
     factor = float(s.loc[pair[0], "median_ratio"] / s.loc[pair[1], "median_ratio"])
     if factor > DIFFERENCE or factor < 1 / DIFFERENCE:
         more, less = pair if factor > 1 else pair[::-1]
-        text += (f" The first Linear/Conv layer of the {more} run gets {common.num(max(factor, 1 / factor))}× more "
+        text += (f" The first Linear/Conv layer of the {more} run gets {_times(max(factor, 1 / factor))} more "
                  f"of its last layer's gradient than that of the {less} run.")
     elif np.isfinite(factor):
         text += f" The two ratios are within a factor {DIFFERENCE:g} of each other."
