@@ -70,8 +70,10 @@ def test_a_45_fold_attenuation_is_vanishing(tmp_path):
     assert s["median_ratio"] == pytest.approx(1 / 45) and s["verdict"] == "vanishing"
     assert s["per_layer"] == pytest.approx(45 ** -0.5)
     (text,) = texts(a, "gradient_flow")
-    assert ("attenuates 45× over 3 Linear/Conv layers (6.71× per layer), vanishing (ratio below 0.1: the first "
-            "layer gets less than a tenth of the last layer's gradient)") in text
+    assert text.startswith("In the solo run the gradient (rms of ∂L/∂y, median over 12 steps) attenuates 45× over "
+                           "3 Linear/Conv layers (6.71× per layer) from the last, `e`, to the first, `a`: first/last "
+                           "ratio 0.0222, vanishing (below 0.1: the first layer gets less than a tenth of the last "
+                           "layer's gradient).")
 
 
 BN = [("0", "Linear", None, None), ("1", "BatchNorm1d", None, None), ("2", "Tanh", "tanh", None),
@@ -99,7 +101,7 @@ def test_bn_and_nobn_flows_compare_the_first_and_last_linear_layers(tmp_path):
     assert s.loc["bn", "median_ratio"] == pytest.approx(m_bn) and s.loc["bn", "per_layer"] == pytest.approx(f_bn)
     assert s.loc["nobn", "median_ratio"] == pytest.approx(m_nobn)
     (compare,) = [t for t in texts(a, "gradient_flow") if t.startswith("Gradient flow on matched roles")]
-    assert compare.startswith("Gradient flow on matched roles, Linear/Conv 1 against Linear/Conv 3: bn ")
+    assert compare.startswith("Gradient flow on matched roles, Linear/Conv 1 against Linear/Conv 3: in the bn run it ")
     factor = m_bn / m_nobn
     assert factor > gradient_flow.DIFFERENCE
     assert (f"The first Linear/Conv layer of the bn run gets {factor:.3g}× more of its last layer's gradient than "

@@ -135,18 +135,18 @@ def summary(runs: list[str], flow: pd.DataFrame, layer_frame: pd.DataFrame) -> p
 
 
 _VERDICT_RANGE = {
-    "vanishing": f"ratio below {VANISHING:g}: the first layer gets less than a tenth of the last layer's gradient",
-    "exploding": f"ratio above {EXPLODING:g}: the first layer gets more than ten times the last layer's gradient",
-    "healthy": f"ratio between {VANISHING:g} and {EXPLODING:g}"}
+    "vanishing": f"below {VANISHING:g}: the first layer gets less than a tenth of the last layer's gradient",
+    "exploding": f"above {EXPLODING:g}: the first layer gets more than ten times the last layer's gradient",
+    "healthy": f"between {VANISHING:g} and {EXPLODING:g}"}
 
 
 def _flow(r: pd.Series) -> str:
-    """``attenuates 45× over 4 Linear/Conv layers (3.56× per layer), vanishing`` for one summary row."""
+    """``attenuates 45× over 4 Linear/Conv layers (3.56× per layer)`` for one summary row."""
     text = f"{describe(r['median_ratio'])} over {r['layers']} Linear/Conv layers"
     p = float(r["per_layer"])
     if 0 < p < math.inf and p != 1:
         text += f" ({_times(max(p, 1 / p))} per layer)"
-    return f"{text}, {r['verdict']}"
+    return text
 
 
 def _compare(summary: pd.DataFrame, pairs: pd.DataFrame, pair: tuple[str, str]) -> list[Finding]:
@@ -164,7 +164,7 @@ def _compare(summary: pd.DataFrame, pairs: pd.DataFrame, pair: tuple[str, str]) 
                         f"their first and last Linear/Conv layers with a recorded gradient ({ends}) are not the "
                         f"roles {first['role']} and {last['role']} of both.")]
     text = (f"Gradient flow on matched roles, {first['role']} against {last['role']}: "
-            + "; ".join(f"{run} {_flow(s.loc[run])}" for _, run in sides) + ".")
+            + "; ".join(f"in the {run} run it {_flow(s.loc[run])}, {s.loc[run, 'verdict']}" for _, run in sides) + ".")
     factor = float(s.loc[pair[0], "median_ratio"] / s.loc[pair[1], "median_ratio"])
     if factor > DIFFERENCE or factor < 1 / DIFFERENCE:
         more, less = pair if factor > 1 else pair[::-1]
@@ -180,11 +180,10 @@ def findings(summary: pd.DataFrame, pair: tuple[str, str] | None, pairs: pd.Data
     out = []
     for _, r in summary.iterrows():
         if common.name(r["verdict"]) is not None:
-            text = (f"In the {r['run']} run the gradient (rms of ∂L/∂y, median over {r['steps']} steps) at "
-                    f"the first Linear/Conv layer `{r['first_layer']}` is {common.num(r['median_ratio'])} times that at the "
-                    f"last, `{r['last_layer']}`: from last to first it {_flow(r)} "
-                    f"({_VERDICT_RANGE[r['verdict']]}). The most extreme ratio is {common.num(r['worst_ratio'])} at "
-                    f"step {common.step(r['worst_step'])}.")
+            text = (f"In the {r['run']} run the gradient (rms of ∂L/∂y, median over {r['steps']} steps) {_flow(r)} "
+                    f"from the last, `{r['last_layer']}`, to the first, `{r['first_layer']}`: first/last ratio "
+                    f"{common.num(r['median_ratio'])}, {r['verdict']} ({_VERDICT_RANGE[r['verdict']]}). The most "
+                    f"extreme ratio is {common.num(r['worst_ratio'])} at step {common.step(r['worst_step'])}.")
             out.append(Finding("gradient_flow", text, r["run"], None, common.step(r["worst_step"]),
                                float(r["median_ratio"])))
         if np.isfinite(r["median_update_ratio"]):

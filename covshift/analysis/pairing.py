@@ -20,6 +20,8 @@ When the runs have different counts of a kind, the first ones are paired up to t
 >>> pairs(info, "b", "n")[["role", "bn", "nobn"]].values.tolist()
 [['Linear/Conv 1', '0', '0'], ['Linear/Conv 2', '2', '2'], ['nonlinearity 1 (Tanh)', '1', '1'], \
 ['input to nonlinearity 1', '0_bn', '0']]
+>>> layers(info, "b", "weighted")
+['0', '2']
 """
 
 from __future__ import annotations
