@@ -213,3 +213,17 @@ def test_identical_runs_claim_no_difference(tmp_path):
     assert f"peaks at {peak}" in compares[0] and f"against {peak}" in compares[0]
     frac = f"up to {100 * dead.max() / 8:.3g}%"
     assert compares[1].count(frac) == 2
+
+
+def test_a_zero_gradient_at_the_first_layer_is_said_in_words(tmp_path):
+    rms = {name: np.full(STEPS, 1.0) for name, *_ in NOBN}
+    zero = dict(rms, **{"0": np.zeros(STEPS)})
+    trace = build(tmp_path / "t.covshift", {
+        "bn": {"config": {"variant": "bn"}, "layers": NOBN, "scalars": grads(NOBN, rms)},
+        "nobn": {"config": {"variant": "nobn"}, "layers": NOBN, "scalars": grads(NOBN, zero)}})
+    a = analyze(trace)
+    s = a.gradient_summary.set_index("run")
+    assert s.loc["nobn", "median_ratio"] == 0 and s.loc["nobn", "verdict"] == "vanishing"
+    (compare,) = [t for t in texts(a, "gradient_flow") if t.startswith("Gradient flow on matched roles")]
+    assert "in the nobn run it is zero at the first layer, vanishing." in compare
+    assert "more of its" not in compare and "within a factor" not in compare

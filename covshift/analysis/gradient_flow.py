@@ -18,7 +18,7 @@ output):
   tenth of the last layer's gradient), ``exploding`` when ratio > :data:`EXPLODING`, else
   ``healthy``; ``None`` when the ratio is undefined (both 0). Glorot & Bengio (2010) saw the
   back-propagated gradient's variance shrink layer by layer towards the input under standard
-  initialization, and normalized initialization keep it about constant; a factor of ten
+  initialization, and normalized initialization keeps it about constant; a factor of ten
   between the ends of the network is well outside "about constant".
 
 ``gradient_summary`` gives per run the median ratio over steps, its ``per_layer`` factor and
@@ -142,9 +142,11 @@ _VERDICT_RANGE = {
 
 def _flow(r: pd.Series) -> str:
     """``attenuates 45× over 4 Linear/Conv layers (3.56× per layer)`` for one summary row."""
+    if not 0 < r["median_ratio"] < math.inf:
+        return describe(r["median_ratio"])
     text = f"{describe(r['median_ratio'])} over {r['layers']} Linear/Conv layers"
     p = float(r["per_layer"])
-    if 0 < p < math.inf and p != 1:
+    if p != 1:
         text += f" ({_times(max(p, 1 / p))} per layer)"
     return text
 
@@ -165,12 +167,15 @@ def _compare(summary: pd.DataFrame, pairs: pd.DataFrame, pair: tuple[str, str]) 
                         f"roles {first['role']} and {last['role']} of both.")]
     text = (f"Gradient flow on matched roles, {first['role']} against {last['role']}: "
             + "; ".join(f"in the {run} run it {_flow(s.loc[run])}, {s.loc[run, 'verdict']}" for _, run in sides) + ".")
-    factor = float(s.loc[pair[0], "median_ratio"] / s.loc[pair[1], "median_ratio"])
+    medians = [float(s.loc[run, "median_ratio"]) for run in pair]
+    if not all(0 < m < math.inf for m in medians):  # a zero gradient at one end: said in words above
+        return [Finding("gradient_flow", text)]
+    factor = medians[0] / medians[1]
     if factor > DIFFERENCE or factor < 1 / DIFFERENCE:
         more, less = pair if factor > 1 else pair[::-1]
         text += (f" The first Linear/Conv layer of the {more} run gets {_times(max(factor, 1 / factor))} more "
                  f"of its last layer's gradient than that of the {less} run.")
-    elif np.isfinite(factor):
+    else:
         text += f" The two ratios are within a factor {DIFFERENCE:g} of each other."
     return [Finding("gradient_flow", text, value=factor)]
 
