@@ -59,8 +59,8 @@ def write_sweep(path, settings, plain: dict | None = None) -> str:
             rows = []
             for t, value in enumerate(loss):
                 rows += [(t, "", "loss", float(value)), (t, "act1", "saturation", o["sat"]),
-                         (t, "fc1", "grad_norm", o["g1"]), (t, "act1", "grad_norm", 1.5),
-                         (t, "fc2", "grad_norm", o["g2"])]
+                         (t, "fc1", "grad_rms", o["g1"]), (t, "act1", "grad_rms", 1.5),
+                         (t, "fc2", "grad_rms", o["g2"])]
                 if t % 50 == 49:  # two evaluations; the last gives the final accuracy
                     rows.append((t, "", "val_loss", float(value) * 1.1))
                     if o["acc"] is not None:

@@ -120,7 +120,7 @@ def fake(path, runs=("bn", "nobn"), steps=40, loss=None, val=False, hists=True, 
                 g = grad(run, step, name) if grad else 10.0 ** -depth
                 scalars += [(step, name, "mean", 0.1 * depth), (step, name, "std", 0.5),
                             (step, name, "p15", -0.4), (step, name, "p50", 0.0), (step, name, "p85", 0.4),
-                            (step, name, "grad_norm", g)]
+                            (step, name, "grad_rms", g)]
                 if nonlin:
                     scalars += [(step, name, "saturation", 0.1 + step / 100), (step, name, "gain", 0.8)]
                 if hists and step % 10 == 0:
@@ -189,7 +189,7 @@ def test_axis_units_and_labels(trace):
     assert [ax.get_ylabel() for ax in loss.axes] == ["training loss", "validation loss", "validation accuracy (%)"]
     assert main_axes(figures.saturation(trace))[0].get_ylabel() == "fraction saturated"
     grad = figures.gradient_flow(trace)
-    assert next(ax for ax in grad.axes if ax.get_label() == "<colorbar>").get_ylabel() == "log10 ‖∂L/∂y‖"
+    assert next(ax for ax in grad.axes if ax.get_label() == "<colorbar>").get_ylabel() == "log10 rms(∂L/∂y)"
     ticks = shown_ticks(main_axes(grad)[0].yaxis)
     assert ticks == ["fc1 (Linear)", "fc1_bn (BatchNorm1d)", "act1 (Tanh)", "fc2 (Linear)"]  # forward order
 

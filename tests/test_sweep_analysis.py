@@ -234,7 +234,8 @@ def test_failing_settings_compare_saturation_and_gradients_and_name_the_runs(tmp
     lr_text, init_text = texts(sa, "learning_rate"), texts(sa, "initialization")
     assert ("At learning rate 0.3, init scale 1, nobn diverges in 1 of 1 seed (seed 0 at step 12, first "
             "non-finite output in `fc2`) while bn trains (final loss 0.2). Mean saturation bn 5%, nobn 70%; median "
-            "first/last-layer gradient ratio bn 0.5 (healthy), nobn 0.001 (vanishing). Runs to compare: "
+            "first/last Linear/Conv gradient ratio bn 0.5 (attenuates 2×, healthy), nobn 0.001 (attenuates 1,000×, "
+            "vanishing). Runs to compare: "
             "`bn lr=0.3 init=1 seed=0` and `nobn lr=0.3 init=1 seed=0` "
             "([saturation](pairs/lr=0.3_init=1_seed=0/saturation.png), "
             "[gradient flow](pairs/lr=0.3_init=1_seed=0/gradient_flow.png)).") in lr_text

@@ -71,9 +71,8 @@ def analyze(trace: Trace | str | os.PathLike[str]) -> Analysis:
 def _analyze(trace: Trace) -> Analysis:
     runs = trace.runs
     info = trace.layer_info()
-    run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy", "train_eval_loss",
-                                                                 "val_loss_se"])
-    layer_frame = trace.scalars(metric=["saturation", "gain", "grad_norm", "std", "nonfinite",
+    run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy", "train_eval_loss", "val_loss_se"])
+    layer_frame = trace.scalars(metric=["saturation", "gain", "dead", "grad_norm", "grad_rms", "std", "nonfinite",
                                         "weight.update_ratio", "unit_count"])
     layer_frame = layer_frame[layer_frame["layer"] != ""]
     raw = {run: common.series(run_frame, run, "loss") for run in runs}
@@ -85,19 +84,19 @@ def _analyze(trace: Trace) -> Analysis:
     conv = convergence.table(runs, losses)
     stab = stability.table(runs, losses, run_frame)
     gen = generalization.table(runs, losses, run_frame)
-    configs = {run: trace.config(run) for run in runs}
-    evaluations = generalization.evaluations(runs, run_frame, configs)
-    sat = saturation.table(layer_frame, info)
+    run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy", "train_eval_loss", "val_loss_se"])
+    layer_frame = trace.scalars(metric=["saturation", "gain", "dead", "grad_norm", "grad_rms", "std", "nonfinite",
+                                        "weight.update_ratio", "unit_count"])
     flow = gradient_flow.table(layer_frame, info)
     gradient_summary = gradient_flow.summary(runs, flow, layer_frame)
-    shift = covariate_shift.table(trace.units(), trace.histograms(), layer_frame, info)
+    shift = covariate_shift.table(units, trace.histograms(), layer_frame, info)
     shift_summary = covariate_shift.summary(runs, shift, info)
     div = divergence.table(trace, runs, raw, layer_frame, info)
     result = outcomes.table(trace, runs, losses, run_frame, div, seeds)
 
     findings = (outcomes.findings(result, seeds) + convergence.findings(conv, pair) + stability.findings(stab)
                 + generalization.findings(gen) + generalization.pair_finding(evaluations, pair)
-                + saturation.findings(sat, runs, pair) + gradient_flow.findings(gradient_summary, pair)
+                + saturation.findings(sat, runs, pair, pairs) + gradient_flow.findings(gradient_summary, pair, pairs)
                 + covariate_shift.findings(shift_summary, info, pairs, runs, pair)
                 + divergence.findings(div))
     return Analysis(runs, seeds, result, pairs, conv, stab, gen, sat, flow, gradient_summary, shift, shift_summary,

@@ -34,7 +34,7 @@ over the units whose four statistics are finite:
 ``summary`` averages each layer's values over its steps (``mean_w2_prev``, ``mean_w1_prev``,
 ``mean_w2_first``, ``mean_w1_first``, ``mean_baseline``); its rows with ``layer == ""``
 average those over the run's *nonlinearity inputs* (the layer recorded just before each
-nonlinearity, :func:`covshift.analysis.pairing.nonlinearity_inputs`), never over output
+nonlinearity, :func:`covshift.analysis.pairing.layers`), never over output
 logits, pooling or Flatten. The findings and the claim use those inputs only: each run's
 mean over its inputs with a finite ``w2``, and :func:`pair_shift` over the role-matched inputs
 of a bn and a nobn run. A mean :class:`Shift` is *within noise* when it is below
@@ -52,7 +52,7 @@ from scipy.stats import wasserstein_distance
 
 from . import common
 from .common import Finding
-from .pairing import nonlinearity_inputs
+from .pairing import layers as role_layers
 
 SCALE_FLOOR = 0.01  #: w2's scale is at least this fraction of the layer's RMS value at the reference step
 BASELINE_FACTOR = 2.0  #: a shift below this multiple of its sampling-noise baseline is within noise
@@ -179,7 +179,7 @@ def summary(runs: list[str], shift: pd.DataFrame, info: pd.DataFrame) -> pd.Data
                                   **{f"mean_{v}": g[v].mean() for v in SUMMARY_VALUES}})
         rows += per_layer
         inputs = pd.DataFrame(per_layer, columns=columns)
-        inputs = inputs[inputs["layer"].isin(nonlinearity_inputs(info, run))]
+        inputs = inputs[inputs["layer"].isin(role_layers(info, run, "input"))]
         if not inputs.empty:
             rows.append({"run": run, "layer": "", "steps": int(inputs["steps"].max()),
                          **{f"mean_{v}": inputs[f"mean_{v}"].mean() for v in SUMMARY_VALUES}})
@@ -225,7 +225,7 @@ def findings(summary: pd.DataFrame, info: pd.DataFrame, pairs: pd.DataFrame, run
     both runs' shifts over the matched inputs."""
     out = []
     for run in runs:
-        layers = _finite_w2(summary, run, nonlinearity_inputs(info, run))
+        layers = _finite_w2(summary, run, role_layers(info, run, "input"))
         if not layers:
             continue
         s = _means(summary, run, layers)

@@ -20,6 +20,8 @@ When the runs have different counts of a kind, the first ones are paired up to t
 >>> pairs(info, "b", "n")[["role", "bn", "nobn"]].values.tolist()
 [['Linear/Conv 1', '0', '0'], ['Linear/Conv 2', '2', '2'], ['nonlinearity 1 (Tanh)', '1', '1'], \
 ['input to nonlinearity 1', '0_bn', '0']]
+>>> layers(info, "b", "weighted")
+['0', '2']
 """
 
 from __future__ import annotations
@@ -49,16 +51,15 @@ def _roles(info: pd.DataFrame, run: str) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def nonlinearity_inputs(info: pd.DataFrame, run: str) -> list[str]:
-    """The layers of one run recorded just before each of its nonlinearities (the ``input``
-    kind above), in forward order.
+def layers(info: pd.DataFrame, run: str, kind: str) -> list[str]:
+    """One run's layers of a role ``kind`` ('weighted' | 'nonlinearity' | 'input'), in forward order.
 
     >>> info = pd.DataFrame({"run": ["r"] * 4, "layer": ["0", "1", "2", "3"],
     ...     "type": ["Linear", "ReLU", "Linear", "Softmax"], "nonlinearity": [None, "relu", None, None]})
-    >>> nonlinearity_inputs(info, "r")
-    ['0']
+    >>> layers(info, "r", "input"), layers(info, "r", "weighted")
+    (['0'], ['0', '2'])
     """
-    return [layer for layer, _ in _roles(info, run)["input"]]
+    return [layer for layer, _ in _roles(info, run)[kind]]
 
 
 def pairs(info: pd.DataFrame, bn: str, nobn: str) -> pd.DataFrame:

@@ -265,8 +265,8 @@ def failing(sa: SweepAnalysis) -> list[Finding]:
         compare = []
         for label, column, agg, fmt in (
                 ("mean saturation", "mean_saturation", "mean", common.pct),
-                ("median first/last-layer gradient ratio", "median_grad_ratio", "median",
-                 lambda x: f"{common.num(x)} ({gradient_flow.verdict(x)})")):
+                ("median first/last Linear/Conv gradient ratio", "median_grad_ratio", "median",
+                 lambda x: f"{common.num(x)} ({gradient_flow.describe(x)}, {gradient_flow.verdict(x)})")):
             x, y = (float(getattr(fail[f"{column}_{v}"], agg)()) for v in (good, bad))
             if _finite(x, y):
                 compare.append(f"{label} {good} {fmt(x)}, {bad} {fmt(y)}")

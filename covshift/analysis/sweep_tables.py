@@ -26,9 +26,9 @@ value, as in :mod:`covshift.analysis.common`, with ``n`` finite steps).
   level. ``steps_to_threshold``: the first step whose smoothed loss is ≤ ``threshold``; NaN
   when it never is ("never reached"). A diverged run counts its finite part.
 - ``mean_saturation``: mean of every finite ``saturation`` value of the run (all layers, all
-  recorded steps). ``median_grad_ratio``: median over steps of the ``grad_norm`` of the first
-  layer over that of the last (the gradient-flow ratio of :mod:`covshift.analysis.gradient_flow`;
-  < 1e-2 vanishing, > 1e2 exploding).
+  recorded steps). ``median_grad_ratio``: median over steps of the ``grad_rms`` of the first
+  Linear/Conv layer over that of the last (the gradient-flow ratio of
+  :mod:`covshift.analysis.gradient_flow`; < 0.1 vanishing, > 10 exploding).
 
 **The grid.** The *reference init scale* is 1 when the sweep has it, else the scale with the
 smallest |ln s|. The *reference learning rate* is the lr whose ln is closest to the median of
@@ -152,7 +152,7 @@ def sweep_runs(trace: Trace) -> pd.DataFrame:
     if not names:
         return pd.DataFrame(columns=RUN_COLUMNS)
     frame = trace.scalars(run=names, layer="", metric=["loss", "val_accuracy"])
-    layer_frame = trace.scalars(run=names, metric=["saturation", "grad_norm"])
+    layer_frame = trace.scalars(run=names, metric=["saturation", gradient_flow.METRIC])
     layer_frame = layer_frame[layer_frame["layer"] != ""]
     info = trace.layer_info()
     flow = gradient_flow.table(layer_frame, info[info["run"].isin(names)])

@@ -12,7 +12,7 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from ..analysis.pairing import nonlinearity_inputs
+from ..analysis.pairing import layers as role_layers
 from ..store import Trace
 from . import style
 
@@ -48,7 +48,7 @@ def covariate_shift(trace: Trace, shift: pd.DataFrame | None) -> Figure:
     fig, axes = style.new_figure(len(metrics), len(runs), height=3.2 * len(metrics) + 0.8, sharex="col", sharey="row")
     for col, run in enumerate(runs):
         mine = shift[shift["run"] == run]
-        layers = [name for name in nonlinearity_inputs(info, run) if name in set(mine["layer"])]
+        layers = [name for name in role_layers(info, run, "input") if name in set(mine["layer"])]
         kind = "nonlinearity input"
         if not layers:
             layers = style.candidates(info, run, set(mine["layer"]))

@@ -314,13 +314,14 @@ def saturation(trace: Trace) -> Figure:
 
 
 def gradient_flow(trace: Trace) -> Figure:
-    """Heat maps of log10 of the loss gradient's norm at each layer's output (layer x step),
-    one per run side by side, on one shared colour scale; input layers at the top."""
+    """Heat maps of log10 of the loss gradient's rms at each layer's output (layer x step; the
+    quantity the gradient-flow ratio divides), one per run side by side, on one shared colour
+    scale; input layers at the top."""
     runs, info = trace.runs, trace.layer_info()
     colors = style.run_colors(runs)
     grids: list[tuple[str, list[str], np.ndarray, np.ndarray]] = []
     for run in runs:
-        frame = trace.scalars(run=run, metric="grad_norm").query("layer != ''")
+        frame = trace.scalars(run=run, metric="grad_rms").query("layer != ''")
         if frame.empty:
             grids.append((run, [], np.array([]), np.empty((0, 0))))
             continue
@@ -341,7 +342,7 @@ def gradient_flow(trace: Trace) -> Figure:
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad=style.MASKED)
     mesh = None
     for ax, (run, layers, steps, logs) in zip(axes[0], grids):
-        ax.set_title(f"{style.literal(run)}: gradient norm per layer", fontsize=10, color=colors[run])
+        ax.set_title(f"{style.literal(run)}: gradient rms per layer", fontsize=10, color=colors[run])
         ax.set_xlabel("step")
         ax.set_ylabel("layer (forward order)")
         if not layers:
@@ -356,8 +357,8 @@ def gradient_flow(trace: Trace) -> Figure:
                                      for i, k in zip(shown, kinds)], fontsize=7)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if mesh is not None:
-        fig.colorbar(mesh, ax=list(axes[0]), fraction=0.03, pad=0.01).set_label("log10 ‖∂L/∂y‖")
-    fig.suptitle("Gradient flow: log10 of the loss gradient's norm at each layer's output "
+        fig.colorbar(mesh, ax=list(axes[0]), fraction=0.03, pad=0.01).set_label("log10 rms(∂L/∂y)")
+    fig.suptitle("Gradient flow: log10 of the loss gradient's rms at each layer's output "
                  "(grey: zero or not finite)", fontsize=11)
     style.run_legend(fig, runs, colors)
     return fig
