@@ -84,9 +84,10 @@ def _analyze(trace: Trace) -> Analysis:
     conv = convergence.table(runs, losses)
     stab = stability.table(runs, losses, run_frame)
     gen = generalization.table(runs, losses, run_frame)
-    run_frame = trace.scalars(layer="", metric=["loss", "val_loss", "val_accuracy", "train_eval_loss", "val_loss_se"])
-    layer_frame = trace.scalars(metric=["saturation", "gain", "dead", "grad_norm", "grad_rms", "std", "nonfinite",
-                                        "weight.update_ratio", "unit_count"])
+    configs = {run: trace.config(run) for run in runs}
+    evaluations = generalization.evaluations(runs, run_frame, configs)
+    units = trace.units()
+    sat = saturation.table(layer_frame, info, units)
     flow = gradient_flow.table(layer_frame, info)
     gradient_summary = gradient_flow.summary(runs, flow, layer_frame)
     shift = covariate_shift.table(units, trace.histograms(), layer_frame, info)
