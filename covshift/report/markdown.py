@@ -109,8 +109,9 @@ def markdown(a: Analysis, trace: Trace, figures: dict[str, Path], command: str |
     if sweep is None and len(a.seeds) > 1:
         first = a.seeds.iloc[0]
         out += [f"The training-loss figure shows all {len(a.seeds)} seeds (line: mean, band: lowest to highest). "
-                f"The other figures and the sentences of each section describe seed {first['seed']}: runs "
-                f"{_md_code(str(first['bn']))} and {_md_code(str(first['nobn']))}; the claims use every seed.", ""]
+                f"The other figures, and the sentences that compare bn with nobn in each section, describe seed "
+                f"{first['seed']}: runs {_md_code(str(first['bn']))} and {_md_code(str(first['nobn']))}. The claims "
+                "use every seed.", ""]
     out += _pairs(a)
     if sweep is not None:
         out += markdown_sections(sweep, figures)
