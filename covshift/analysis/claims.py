@@ -285,7 +285,7 @@ def _decide(a: Analysis, effect: _Effect) -> Claim:
             claim.evidence = f"{reason} while bn did: BatchNorm made training possible"
         else:
             claim.verdict = "not comparable"
-            claim.evidence = f"{reason}: the runs' dynamics cannot be compared"
+            claim.evidence = f"{reason}: a comparison needs two runs that trained"
         return claim
     rows = [(seed, effect.measure(a, bn, nobn)) for seed, bn, nobn in zip(both["seed"], both["bn"], both["nobn"])]
     rows = [(seed, m) for seed, m in rows if math.isfinite(m.bn) and math.isfinite(m.nobn)
