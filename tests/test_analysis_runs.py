@@ -160,3 +160,17 @@ def test_claims_use_pair_steps_and_pair_roughness(tmp_path):
     assert f"bn {int(b)}, nobn {int(n)}; {level:g} × initial loss" in found["faster convergence"].evidence
     assert found["smoother, stabler training"].verdict == "supported"
     assert "roughness" in found["smoother, stabler training"].evidence
+
+
+def test_roughness_claim_is_inconclusive_when_the_shared_range_is_too_short(tmp_path):
+    """bn passes nobn's whole range of loss levels in a few steps: the trace holds both losses,
+    but no comparable roughness exists, so the claim is inconclusive (not "not measured")."""
+    from covshift.analysis.claims import claims
+    bn = np.concatenate([2.0 * 0.5 ** np.arange(12), np.full(388, 2.0 * 0.5 ** 11)])
+    nobn = noisy_decay(400, 1 / 150, 0.02, seed=8)
+    trace = build(tmp_path / "t.covshift", {"bn": {"scalars": loss_rows(bn)}, "nobn": {"scalars": loss_rows(nobn)}})
+    b, n, used = stability.pair_roughness((np.arange(400), bn), (np.arange(400), nobn))
+    assert used < stability.MIN_STEPS and math.isnan(b)
+    claim = {c.claim: c for c in claims(analyze(trace))}["smoother, stabler training"]
+    assert claim.verdict == "inconclusive" and not claim.per_seed
+    assert f"only {used} steps in the range of loss levels both runs pass through, fewer than 20" in claim.evidence

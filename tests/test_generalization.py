@@ -86,6 +86,10 @@ def test_a_first_evaluation_below_the_level_is_read_as_it_is(tmp_path):
     m = generalization.matched(a.evaluations, "bn", "nobn")
     assert (m["bn"]["step"], m["bn"]["train_loss"], m["bn"]["val_accuracy"]) == (10, 0.3, 0.80)
     assert "bn at step 10 (its first evaluation, already at 0.3), nobn at step 40" in generalization.where(m)
+    # bn there is at 0.3, not at the matched 0.5: a large accuracy difference decides nothing
+    claim = next(c for c in claims(a) if c.claim == "better generalization")
+    assert claim.per_seed == pytest.approx([0.80 - 0.70]) and claim.verdict == "inconclusive"
+    assert "inconclusive: bn's first evaluation is already below the matched training loss" in claim.evidence
 
 
 def test_the_claim_and_the_finding_compare_accuracy_at_the_matched_level(tmp_path):

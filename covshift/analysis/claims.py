@@ -21,8 +21,12 @@ With one seed the point estimate decides and the verdict is labelled ``(1 seed)`
 **Effects the measure cannot resolve decide nothing.** A seed's measure may say its effect
 is unresolved (:attr:`Measure.unresolved`): for the distributional covariate shift, both
 runs' shifts below :data:`covshift.analysis.covariate_shift.BASELINE_FACTOR` × their
-sampling-noise baseline, where bn / nobn is a ratio of noises. Any such seed makes the claim
-``inconclusive``, with the reason and how many seeds it concerns.
+sampling-noise baseline, where bn / nobn is a ratio of noises; for generalization, a run
+whose first evaluation is already below the matched training loss, so that the two runs are
+not read at the same training loss. Any such seed makes the claim ``inconclusive``, with the
+reason and how many seeds it concerns. So does a trace that holds the quantity when no seed
+gives a value for both runs (e.g. roughness when the runs share fewer than
+:data:`covshift.analysis.stability.MIN_STEPS` steps of loss levels).
 
 **Run outcomes come first.** Dynamics claims (every claim here but the sweep's) use only
 the seeds whose two runs both trained (:mod:`covshift.analysis.outcomes`). Where no seed
@@ -163,6 +167,9 @@ def _steps(a: Analysis, bn: str, nobn: str) -> Measure:
 
 def _roughness(a: Analysis, bn: str, nobn: str) -> Measure:
     b, n, used = stability.pair_roughness(a.losses[bn], a.losses[nobn])
+    if used < stability.MIN_STEPS:
+        return Measure(b, n, f"only {used} steps in the range of loss levels both runs pass through, fewer than "
+                             f"{stability.MIN_STEPS}")
     return Measure(b, n, f"{used} steps")
 
 
@@ -221,11 +228,15 @@ def _generalization(a: Analysis, bn: str, nobn: str) -> Measure:
     m = generalization.matched(a.evaluations, bn, nobn)
     b, n = m["bn"], m["nobn"]
     note = generalization.where(m)
+    early = [side for side in ("bn", "nobn") if m["matched"] and m[side]["train_loss"] < m["level"]]
+    unresolved = (f"{early[0]}'s first evaluation is already below the matched training loss, so the runs are not "
+                  "at the same training loss (evaluate more often: --eval-every)") if early else ""
     if math.isfinite(b["val_accuracy"]) and math.isfinite(n["val_accuracy"]):
         return Measure(b["val_accuracy"], n["val_accuracy"], note, generalization.accuracy_difference_se(m),
-                       higher_is_better=True)
+                       higher_is_better=True, unresolved=unresolved)
     gaps = f"; gap bn {num(b['gap'])}, nobn {num(n['gap'])}" if math.isfinite(b["gap"] + n["gap"]) else ""
-    return Measure(b["val_loss"], n["val_loss"], note + "; no accuracy: compared by validation loss" + gaps)
+    return Measure(b["val_loss"], n["val_loss"], note + "; no accuracy: compared by validation loss" + gaps,
+                   unresolved=unresolved)
 
 
 EFFECTS = [
@@ -287,11 +298,13 @@ def _decide(a: Analysis, effect: _Effect) -> Claim:
             claim.verdict = "not comparable"
             claim.evidence = f"{reason}: a comparison needs two runs that trained"
         return claim
-    rows = [(seed, effect.measure(a, bn, nobn)) for seed, bn, nobn in zip(both["seed"], both["bn"], both["nobn"])]
-    rows = [(seed, m) for seed, m in rows if math.isfinite(m.bn) and math.isfinite(m.nobn)
+    measured = [(seed, effect.measure(a, bn, nobn)) for seed, bn, nobn in zip(both["seed"], both["bn"], both["nobn"])]
+    rows = [(seed, m) for seed, m in measured if math.isfinite(m.bn) and math.isfinite(m.nobn)
             and (m.higher_is_better or (m.bn > 0 and m.nobn > 0))]
-    if not rows:
-        claim.evidence = f"{effect.what}: not in this trace"
+    if not rows:  # the trace holds the quantity, but no seed gives a usable pair of values
+        claim.verdict = "inconclusive"
+        notes = "; ".join(dict.fromkeys(m.note for _, m in measured if m.note))
+        claim.evidence = f"{effect.what}: no seed gives a value for both runs" + (f" ({notes})" if notes else "")
         return claim
     measures = [m for _, m in rows]
     if measures[0].higher_is_better:
