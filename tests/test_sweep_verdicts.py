@@ -205,6 +205,9 @@ def test_lr_figure_draws_the_tolerance_limits_the_usable_lrs_and_untrained_runs(
     assert [sorted(line.get_xdata()) for line in steps] == [[0.003, 0.03, 0.3, 3.0]]
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "did not train (any seed; run outcomes)" in labels and "never reached loss 1 (any seed)" in labels
+    fig.canvas.draw()  # nobn has no usable lr: nothing drawn for it may squeeze the panels
+    widths = [ax.get_position().width for ax in fig.axes[:3]]
+    assert sum(widths) > 0.6, widths  # the three panels fill the figure's width
     grid_fig = sweep_figures.sweep_grid(never)
     assert "10% of mini-batch losses, training mode" in grid_fig.axes[-1].get_ylabel()
     assert any("untrained 1/1" in t.get_text() for t in grid_fig.axes[1].texts)

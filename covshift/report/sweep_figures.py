@@ -117,8 +117,9 @@ def _usable_marks(sa: SweepAnalysis) -> Marks:
             for value in sorted(set(rows["limit"].dropna())):
                 ax.axhline(value, color=colors.get(v, "0.3"), ls="--", lw=1, alpha=0.8)
             lrs = rows["usable_lr"].dropna()
-            ax.plot(lrs, [0.05 + 0.07 * k] * len(lrs), "v", color=colors.get(v, "0.3"), ms=9,
-                    transform=mark, clip_on=False)
+            if len(lrs):  # an empty unclipped line would sit at the figure's origin and wreck the layout
+                ax.plot(lrs, [0.05 + 0.07 * k] * len(lrs), "v", color=colors.get(v, "0.3"), ms=9,
+                        transform=mark, clip_on=False)
         rule = (f"best − {100 * ACCURACY_TOLERANCE:g} points" if sa.metric == "final_accuracy"
                 else f"best × {1 + LOSS_TOLERANCE:g}")
         return [(Line2D([], [], color="0.3", ls="--", lw=1), f"usable limit: {rule} (per variant and seed)"),
