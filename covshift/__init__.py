@@ -8,9 +8,31 @@
 
 __version__ = "0.1.0"
 
-from .analysis import Analysis, Finding, analyze  # noqa: E402
-from .report import report  # noqa: E402
-from .store import Trace, TraceError, load  # noqa: E402
-from .tracer import Tracer  # noqa: E402
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .analysis import Analysis, Finding, analyze
+    from .report import report
+    from .store import Trace, TraceError, load
+    from .tracer import Tracer
 
 __all__ = ["Analysis", "Finding", "Trace", "TraceError", "Tracer", "__version__", "analyze", "load", "report"]
+
+# Where each public name lives. They are imported on first use, so that `covshift --version`
+# and `--help` start without importing torch, pandas or matplotlib.
+_HOMES = {"Analysis": "analysis", "Finding": "analysis", "analyze": "analysis", "report": "report",
+          "Trace": "store", "TraceError": "store", "load": "store", "Tracer": "tracer"}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'covshift' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -9,20 +9,25 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
-import torch
+from typing import TYPE_CHECKING
+
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from . import __version__
-from .modelfile import ModelFileError
-from .modelfile import load as load_model_file
-from .report import report as write_report
-from .runner import Interrupted, Outcome, prepare, train_pair
 from .sweep import SWEEP_DETAIL_EVERY, Job, default_workers, jobs, parse_list, run_sweep
-from .store import TraceError, load
-from .variants import VariantError
+
+if TYPE_CHECKING:
+    from .runner import Outcome
+
+# torch, pandas and matplotlib are imported inside the commands that need them, so that
+# `covshift --version` and `--help` answer at once.
+
+#: The errors a command turns into one line and exit status 2, as (module, class).
+_KNOWN_ERRORS = (("covshift.modelfile", "ModelFileError"), ("covshift.variants", "VariantError"),
+                 ("covshift.store", "TraceError"))
 
 app = typer.Typer(
     help="Show why a neural network trains well or badly. covshift trace trains your model with and "
@@ -55,6 +60,8 @@ def info(trace: Path = typer.Argument(..., help="A trace file written by covshif
 
     Example: covshift info runs/demo.covshift
     """
+    from .store import TraceError, load
+
     try:
         with load(trace) as t:
             scalars = t.scalars()
@@ -108,6 +115,8 @@ def _fail(message: str, detail: str | None = None, code: int = 2) -> typer.Exit:
 
 def _device_problem(name: str) -> str | None:
     """Why ``--device name`` cannot be used here, or None."""
+    import torch
+
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -126,16 +135,25 @@ def _user_errors(debug: bool) -> Iterator[None]:
     Interrupts pass untouched: each command reports how far it got."""
     try:
         yield
-    except (typer.Exit, Interrupted):
+    except typer.Exit:
         raise
-    except (ModelFileError, VariantError, TraceError, ValueError) as e:
-        if debug:
-            raise
-        raise _fail(str(e), getattr(e, "user_traceback", None)) from None
     except Exception as e:
+        if _loaded(e, (("covshift.runner", "Interrupted"),)):
+            raise
+        if isinstance(e, ValueError) or _loaded(e, _KNOWN_ERRORS):
+            if debug:
+                raise
+            raise _fail(str(e), getattr(e, "user_traceback", None)) from None
         if debug:
             raise
         raise _fail(f"unexpected {type(e).__name__}: {e} (rerun with --debug for the traceback)", code=1) from None
+
+
+def _loaded(error: BaseException, classes: tuple[tuple[str, str], ...]) -> bool:
+    """Whether ``error`` is one of ``classes`` (module, class); a class whose module was never
+    imported cannot have been raised, so it is not imported to check."""
+    return any(module in sys.modules and isinstance(error, getattr(sys.modules[module], name))
+               for module, name in classes)
 
 
 def _summary(outcomes: list[Outcome], title: str) -> Table:
@@ -223,6 +241,9 @@ def trace(
     overrides = {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
                  "momentum": momentum, "weight_decay": weight_decay, "seed": seed, "device": device,
                  "every": every, "detail_every": detail_every, "eval_every": eval_every, "ics_every": ics_every}
+    from .modelfile import load as load_model_file
+    from .runner import Interrupted, train_pair
+
     console = Console(stderr=True)
     try:
         with _user_errors(debug):
@@ -256,6 +277,9 @@ def trace(
 
 
 def _write_report(path: Path, folder: Path, formats: tuple[str, ...], command: str, debug: bool) -> None:
+    from .report import report as write_report
+    from .store import TraceError
+
     with Console(stderr=True).status("writing the report"):
         try:
             written = write_report(path, folder, formats, command)
@@ -329,6 +353,9 @@ def sweep(
     problem = _device_problem(device)
     if problem:
         raise _fail(problem)
+    from .modelfile import load as load_model_file
+    from .runner import Interrupted, prepare
+
     console = Console(stderr=True)
     done: list[tuple[Job, Outcome]] = []
     todo: list[Job] = []

@@ -15,13 +15,10 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from .modelfile import load as load_model_file
-from .runner import VARIANTS, Outcome, prepare, train_run
-from .store import TraceWriter
+if TYPE_CHECKING:
+    from .runner import Outcome
 
 #: Default ``detail_every`` of a sweep: per-unit statistics and histograms are rarely
 #: needed per setting, so sweeps record them at step 0 and every 500 steps only.
@@ -52,6 +49,8 @@ class Job:
 def jobs(spec: str, lrs: list[float], scales: list[float], seeds: list[int], overrides: dict[str, Any],
          path: Path, threads: int) -> list[Job]:
     """Every (setting, variant), in the order lr, init scale, seed, variant."""
+    from .runner import VARIANTS
+
     frozen = tuple(sorted((k, v) for k, v in overrides.items() if k not in ("lr", "init_scale", "seed")))
     return [Job(spec, variant, lr, scale, seed, frozen, str(path), threads)
             for lr, scale, seed, variant in itertools.product(lrs, scales, seeds, VARIANTS)]
@@ -59,6 +58,11 @@ def jobs(spec: str, lrs: list[float], scales: list[float], seeds: list[int], ove
 
 def run_job(job: Job) -> tuple[Job, Outcome]:
     """Train one job (in a worker process, or inline)."""
+    import torch  # here, not at the top: `covshift --help` does not import torch
+
+    from .modelfile import load as load_model_file
+    from .runner import prepare, train_run
+
     if job.threads:
         torch.set_num_threads(job.threads)
     mf = load_model_file(job.spec)
@@ -73,6 +77,8 @@ def run_sweep(todo: list[Job], workers: int, on_done: Callable[[Job, Outcome], N
     finishing order. The trace file is created first, so workers never race to make it."""
     if not todo:
         return []
+    from .store import TraceWriter
+
     TraceWriter(todo[0].path).close()
     outcomes = []
     for job, outcome in _results(todo, workers):

@@ -57,3 +57,21 @@ def test_console_script_subprocess(tmp_path):
                              capture_output=True, text=True)
     assert missing.returncode == 2
     assert "no trace file" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_version_and_help_start_without_the_heavy_libraries():
+    """`covshift --version` and `--help` import neither torch, pandas nor matplotlib (that is what
+    made them take seconds); `import covshift` neither, until a public name is used."""
+    import subprocess
+    import sys
+    code = ("import sys; from typer.testing import CliRunner; from covshift.cli import app; "
+            "r1 = CliRunner().invoke(app, ['--version']); r2 = CliRunner().invoke(app, ['--help']); "
+            "assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output); "
+            "import covshift; "
+            "print(sorted(m for m in ('torch', 'pandas', 'matplotlib', 'scipy') if m in sys.modules)); "
+            "covshift.load; print('pandas' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]", out
+    assert out[1] == "True"  # a public name imports its module on first use
+    code = "import covshift.report.figures, covshift; print(callable(covshift.report))"  # the package first
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "True\n"

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 import covshift
 import covshift.cli
+import covshift.modelfile
 from covshift.cli import app
 from covshift.modelfile import ModelFileError
 
@@ -611,13 +612,13 @@ def test_module_level_instance_is_used_and_not_mutated(tmp_path, monkeypatch):
             return make_data()
         ''')
     loaded = []
-    real_load = covshift.cli.load_model_file
+    real_load = covshift.modelfile.load  # the CLI imports it when a command runs
 
     def capture(spec):
         loaded.append(real_load(spec))
         return loaded[-1]
 
-    monkeypatch.setattr(covshift.cli, "load_model_file", capture)
+    monkeypatch.setattr(covshift.modelfile, "load", capture)
     result = invoke(path, "--steps", 3, "--out", tmp_path / "o")
     assert result.exit_code == 0, result.output
     module = loaded[0].module

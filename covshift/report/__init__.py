@@ -21,7 +21,10 @@ The Markdown is written by :mod:`covshift.report.markdown`, the HTML by :mod:`co
 from __future__ import annotations
 
 import os
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 from ..analysis import analyze
 from ..analysis.sweep import RunView, analyze_sweep, default_pair
@@ -74,3 +77,15 @@ def report(trace: Trace | str | os.PathLike[str], out_dir: str | os.PathLike[str
     finally:
         if opened:
             t.close()
+
+
+class _CallablePackage(types.ModuleType):
+    """``covshift.report`` names both this package and its :func:`report`. covshift imports it
+    on first use (fast start-up), and importing a submodule first (``covshift.report.figures``)
+    binds the package there: calling the package calls :func:`report`, so both spellings work."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict[str, Path]:
+        return report(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
