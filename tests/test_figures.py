@@ -333,7 +333,8 @@ def test_empty_shift(trace, shift):
     fig = distribution_figures.covariate_shift(trace, shift)
     assert len(fig.axes) == 1
     assert fig.axes[0].get_xlabel() == "step" and fig.axes[0].get_ylabel()
-    assert any(t.startswith("no detail steps recorded") for t in texts(fig))
+    assert any(t.startswith("covariate shift needs per-unit statistics at two or more detail steps") for t in texts(fig))
+    assert style.is_placeholder(fig)
 
 
 def test_shift_shows_the_nonlinearity_inputs_and_the_noise_baseline(tmp_path):
@@ -396,7 +397,10 @@ def test_no_histograms(tmp_path):
     fig = distribution_figures.histograms(trace)
     assert len(fig.axes) == 1
     assert any(t.startswith("no histograms recorded") for t in texts(fig))
-    assert len(figures.save_all(trace, pd.DataFrame(), tmp_path / "figs")) == 7
+    assert style.is_placeholder(fig)
+    written = figures.save_all(trace, pd.DataFrame(), tmp_path / "figs")  # placeholders are not written
+    assert sorted(written) == sorted(set(figures.FILES.values()) - {"histograms.png", "covariate_shift.png"})
+    assert not (tmp_path / "figs" / "histograms.png").exists()
 
 
 def test_histograms_of_a_run_without_them(tmp_path):
@@ -534,3 +538,35 @@ def test_landscape_figure_draws_min_max_bands(tmp_path):
             assert y.min() == pytest.approx(values[run][lo].min()) and y.max() == pytest.approx(values[run][hi].max())
     for line, run in zip(beta_ax.get_lines(), ("bn", "nobn")):
         np.testing.assert_allclose(line.get_ydata(), values[run]["beta_smoothness"])
+
+
+def test_a_run_shorter_than_detail_every(tmp_path):
+    """Only step 0 has histograms: histograms.png shows that step's distribution (not a one-column
+    heat map), and no covariate-shift figure is written (it needs two detail steps)."""
+    trace = fake(tmp_path / "short.covshift", steps=8)  # histograms at step 0 only
+    fig = distribution_figures.histograms(trace)
+    hist = trace.histograms()
+    for ax, run in zip(main_axes(fig), ("bn", "nobn")):
+        assert "the only detail step" in ax.get_xlabel() and not ax.collections[1:]
+        (patch,) = ax.patches
+        rows = hist[(hist["run"] == run) & (hist["layer"] == ax.get_title().split("layer ")[1].split(" ")[0])]
+        inner = rows[np.isfinite(rows["left"]) & np.isfinite(rows["right"])]
+        expected = inner["count"].to_numpy() / rows["count"].sum()
+        widths = patch.get_path().vertices[:, 0]
+        assert np.isclose(widths[:, None], expected[None, :]).any(axis=0).all()
+    written = figures.save_all(trace, shift_of(trace), tmp_path / "figs")
+    assert "histograms.png" in written and "covariate_shift.png" not in written
+
+
+def test_many_layers_get_distinct_shades_and_named_ends():
+    shades = style.depth_colors(style.PALETTE["nobn"], 24)
+    lightness = [sum(mcolors.to_rgb(c)) for c in shades]
+    assert len(set(shades)) == 24 and style.PALETTE["nobn"] in shades
+    assert max(lightness) - min(lightness) > 1.5  # pale to dark, not pale to the run colour only
+    assert all(a > b for a, b in zip(lightness, lightness[1:]))  # ordered by depth
+    fig, axes = style.new_figure(1, 1)
+    names = [f"layer{i}" for i in range(24)]
+    for i, (name, color) in enumerate(zip(names, shades)):
+        axes[0][0].plot([0, 1], [i, i + 1], color=color, label=name)
+    style.depth_key(fig, [axes[0][0]], names, shades)
+    assert [t.get_text() for t in axes[0][0].texts] == ["layer0", "layer23"]

@@ -32,8 +32,8 @@ def covariate_shift(trace: Trace, shift: pd.DataFrame | None) -> Figure:
         ax.set_xlabel("step")
         ax.set_ylabel("W₂ to previous detail step (units of the output)")
         ax.set_title("Internal covariate shift", fontsize=10)
-        style.empty(ax, "no detail steps recorded: covariate shift needs histograms at two or more "
-                    "detail steps (Tracer detail_every)")
+        style.empty(ax, "covariate shift needs per-unit statistics at two or more detail steps: record them "
+                    "more often (Tracer detail_every, covshift trace --detail-every)")
         return fig
     missing = [c for c in ("run", "layer", "step", "w2_prev") if c not in shift.columns]
     if missing:
@@ -141,8 +141,13 @@ def histograms(trace: Trace, layer: str | None = None) -> Figure:
                 style.empty(ax, f"no histograms of layer {name} in run {run}")
                 continue
             steps, edges, frac, outside = panel
-            ax.pcolormesh(style.step_edges(steps), edges, frac.T, cmap=cmap, norm=norm, shading="flat", rasterized=True)
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if len(steps) == 1:  # one detail step (a run shorter than detail_every): its histogram
+                ax.stairs(frac[0], edges, orientation="horizontal", fill=True, color=colors[run], alpha=0.6)
+                ax.set_xlabel(f"fraction of values in bin (step {int(steps[0])}, the only detail step)")
+            else:
+                ax.pcolormesh(style.step_edges(steps), edges, frac.T, cmap=cmap, norm=norm, shading="flat",
+                              rasterized=True)
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             if outside > 0.005:
                 ax.text(0.01, 0.97, f"outside the plotted range: up to {outside:.0%}", transform=ax.transAxes,
                         fontsize=7, va="top", color="0.2")

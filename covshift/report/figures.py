@@ -367,7 +367,8 @@ def gradient_flow(trace: Trace) -> Figure:
 def save_all(trace: Trace, shift: pd.DataFrame | None, out_dir: str | os.PathLike[str],
              only: tuple[str, ...] | None = None) -> dict[str, Path]:
     """Write the seven figures (or the ``only`` ones, by key of :data:`FILES`) as PNGs into
-    ``out_dir`` (created when missing). Returns file name (e.g. ``"activations.png"``) -> path."""
+    ``out_dir`` (created when missing), leaving out a figure with no data in any panel. Returns
+    file name (e.g. ``"activations.png"``) -> path of each written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     builders: dict[str, Callable[[], Figure]] = {
@@ -383,8 +384,11 @@ def save_all(trace: Trace, shift: pd.DataFrame | None, out_dir: str | os.PathLik
     for key, build in builders.items():
         if only is not None and key not in only:
             continue
-        path = out / FILES[key]
         fig = build()
+        if style.is_placeholder(fig):  # nothing to show: the report says so in words instead
+            fig.clear()
+            continue
+        path = out / FILES[key]
         fig.savefig(path, dpi=style.DPI)
         fig.clear()
         written[FILES[key]] = path

@@ -94,12 +94,23 @@ def robust_scale(ax: Axes, values: object) -> None:
         ax.set_yscale("symlog", linthresh=typical)
 
 
+EMPTY = "covshift-empty"  #: the gid of a panel that has no data (see :func:`is_placeholder`)
+
+
 def empty(ax: Axes, message: str) -> None:
     """Mark a panel as having no data, keeping its axis labels."""
+    ax.set_gid(EMPTY)
     ax.text(0.5, 0.5, literal(message), ha="center", va="center", transform=ax.transAxes,
             fontsize=9, color="0.35", wrap=True)
     ax.set_xticks([])
     ax.set_yticks([])
+
+
+def is_placeholder(fig: Figure) -> bool:
+    """Whether every panel of ``fig`` (colour bars aside) says it has no data: such a figure is
+    not written into a report."""
+    panels = [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+    return bool(panels) and all(ax.get_gid() == EMPTY for ax in panels)
 
 
 def run_legend(fig: Figure, runs: Sequence[str], colors: dict[str, str]) -> None:
@@ -118,13 +129,17 @@ def thin(n: int, most: int = MAX_LABELS) -> list[int]:
 
 
 def depth_colors(color: str, n: int) -> list[str]:
-    """``n`` colours from pale (first layer) to ``color`` (last layer)."""
+    """``n`` colours from pale (first layer) to ``color`` (last layer); from
+    ``_LEGEND_LAYERS`` layers on, from pale through ``color`` to a dark shade of it, so that
+    neighbouring layers stay apart."""
     if n <= 1:
         return [color] * n
     rgb = np.array(mcolors.to_rgb(color))
-    pale = rgb + (1.0 - rgb) * 0.7
-    ramp = [mcolors.to_hex(pale * (1 - t) + rgb * t) for t in np.linspace(0.0, 1.0, n)]
-    ramp[-1] = color
+    pale = rgb + (1.0 - rgb) * (0.8 if n >= _LEGEND_LAYERS else 0.7)
+    stops = [pale, rgb, rgb * 0.45] if n >= _LEGEND_LAYERS else [pale, rgb]
+    cmap = mcolors.LinearSegmentedColormap.from_list("depth", stops)
+    ramp = [mcolors.to_hex(cmap(t)) for t in np.linspace(0.0, 1.0, n)]
+    ramp[(n - 1) // 2 if len(stops) == 3 else -1] = color
     return ramp
 
 
@@ -146,6 +161,16 @@ def depth_key(fig: Figure, axes: Sequence[Axes], names: Sequence[str], colors: S
     bar.ax.tick_params(labelsize=6, length=2)
     bar.ax.invert_yaxis()
     bar.set_label("layer (forward order)", fontsize=8)
+    for ax in axes:  # name the first and the last layer on their lines
+        lines = {line.get_label(): line for line in ax.get_lines()}
+        for name in (names[0], names[-1]):
+            line = lines.get(literal(name))
+            y = np.asarray(line.get_ydata(), dtype=float) if line is not None else np.array([])
+            ok = np.flatnonzero(np.isfinite(y))
+            if ok.size:
+                x = np.asarray(line.get_xdata(), dtype=float)[ok[-1]]
+                ax.annotate(literal(name), (x, y[ok[-1]]), xytext=(3, 0), textcoords="offset points", fontsize=7,
+                            color=line.get_color(), va="center")
 
 
 def ordered_layers(info: pd.DataFrame, run: str, present: object = None) -> list[str]:
