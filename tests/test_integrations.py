@@ -173,18 +173,21 @@ def test_transformers_trainer(tmp_path):
         """A gradient-enabled train-mode forward between steps, where the Trainer logs."""
 
         def on_log(self, args, state, control, model=None, **kwargs):
+            if callback.tracer is not None:  # given the torch optimizer, not accelerate's wrapper
+                assert type(callback.tracer.optimizer) is torch.optim.AdamW
             probing["on"] = True
             model.train()
             model(input_ids=ids[:2], labels=ids[:2])
             probing["on"] = False
 
     path = tmp_path / "hf.covshift"
+    callback = CovshiftCallback(path, run="gpt2", detail_every=2)
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=2, logging_steps=1,
         report_to=[], use_cpu=True, save_strategy="no", eval_strategy="steps", eval_steps=2,
         per_device_eval_batch_size=2, learning_rate=1e-2)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=data[:8], eval_dataset=data[8:],
-                                   callbacks=[CovshiftCallback(path, run="gpt2", detail_every=2), Probe()])
+                                   callbacks=[callback, Probe()])
     trainer.train()
 
     history = trainer.state.log_history

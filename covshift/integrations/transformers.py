@@ -8,7 +8,8 @@
 What the callback records, event by event:
 
 - ``on_train_begin``: a :class:`covshift.Tracer` hooks ``model`` (the unwrapped model the
-  Trainer trains), reading the learning rate from the Trainer's optimizer. Only the world
+  Trainer trains), reading the learning rate from the Trainer's optimizer (the torch optimizer
+  inside accelerate's wrapper). Only the world
   process zero records (under DDP, its own shard of each batch).
 - ``on_optimizer_step`` (right after ``optimizer.step()``, once per optimizer step, so after
   gradient accumulation): the Tracer ends a step. The Trainer clears the gradients and steps
@@ -34,6 +35,7 @@ import contextlib
 import os
 from typing import Any
 
+import torch
 from torch import nn
 
 try:
@@ -67,6 +69,13 @@ def val_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return kept
 
 
+def torch_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer that steps: the Trainer's is accelerate's ``AcceleratedOptimizer``,
+    a wrapper whose ``step`` never runs the wrapper's own optimizer step hooks."""
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, torch.optim.Optimizer) else optimizer
+
+
 class CovshiftCallback(TrainerCallback):
     """Records a covshift trace of ``trainer.train()`` at ``path`` as run ``run``;
     ``tracer_options`` (``layers``, ``every``, ``detail_every``, ``config``, ``overwrite``, ...)
@@ -80,7 +89,8 @@ class CovshiftCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         if state.is_world_process_zero and model is not None:
-            self.tracer = Tracer(model, self.path, self.run, optimizer=optimizer, **self.tracer_options).start()
+            self.tracer = Tracer(model, self.path, self.run, optimizer=torch_optimizer(optimizer),
+                                 **self.tracer_options).start()
             self._between_steps.enter_context(self.tracer.paused())  # until the first step begins
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
