@@ -67,7 +67,8 @@ def test_gpt2_gets_batchnorm_on_its_mlp_c_fc_and_calls_every_module() -> None:
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32,
+                                        bos_token_id=0, eos_token_id=0)
     model = transformers.GPT2LMHeadModel(config)
     ids = torch.randint(0, 64, (3, 8))
     bn, nobn = derive_pair(model, ids)
