@@ -226,9 +226,11 @@ class _Recorder(TorchFunctionMode):
 
 def observe(model: nn.Module, example_input: Any) -> Observation:
     """Run ``example_input`` (see :func:`~covshift.variants.common.forward_args`) once through
-    a deep copy of ``model`` in its current train/eval mode, with gradients enabled (as in
-    training: some modules, e.g. ``nn.TransformerEncoderLayer``, take a fused path without
-    them), and the RNG state restored afterwards; ``model`` is not touched.
+    a deep copy of ``model`` in its current train/eval mode, without gradients (the copy
+    keeps the user's hooks, and they can tell this pass from training by that), and the RNG
+    state restored afterwards; ``model`` is not touched. Fused paths that skip submodules
+    (``nn.TransformerEncoderLayer``'s in eval mode without gradients) stay off: they are not
+    taken while a submodule has hooks, and this pass, like the BN variant, has them.
     Exceptions of the forward propagate."""
     scratch = copy.deepcopy(model)
     recorder = _Recorder(scratch)
@@ -243,7 +245,7 @@ def observe(model: nn.Module, example_input: Any) -> Observation:
     kind = accel[0].type if accel else None
     indices = sorted({d.index or 0 for d in accel if d.type == kind})
     try:
-        with torch.random.fork_rng(devices=indices, device_type=kind or "cuda"), torch.enable_grad(), recorder:
+        with torch.random.fork_rng(devices=indices, device_type=kind or "cuda"), torch.no_grad(), recorder:
             scratch(*args, **kwargs)
     finally:
         for h in handles:
