@@ -61,7 +61,8 @@ class _Normalize:
         self.hook_id = -1
 
     def last(self, module: nn.Module, args: Any) -> None:
-        module._forward_hooks.move_to_end(self.hook_id)
+        if self.hook_id in module._forward_hooks:
+            module._forward_hooks.move_to_end(self.hook_id)
 
     def __call__(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
         return self.bn(output)
