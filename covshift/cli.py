@@ -209,7 +209,7 @@ def trace(
     seeds: Optional[str] = typer.Option(None, help="Train the pair once per seed: a count N (the seed, from --seed or "
                                         "the file's config, and the N-1 after it) or a list 0,1,2. With several "
                                         "seeds the runs are named 'bn seed=0', 'nobn seed=0', ..."),
-    only: Optional[str] = typer.Option(None, help="Train only the bn or the nobn variant."),
+    only: Optional[str] = typer.Option(None, help="Build and train only the bn or the nobn variant."),
     device: str = typer.Option("cpu", help="cpu, cuda, cuda:1, ..."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: reports/<model file stem>/)."),
     every: int = typer.Option(1, help="Record layer statistics every N steps."),

@@ -25,7 +25,7 @@ from .modelfile import ModelFile, ModelFileError, user_traceback
 from .store import TraceWriter, load
 from .ics import Instruments
 from .tracer import ROOT, Tracer
-from .variants import derive_pair, share_weights
+from .variants import derive_variant, share_weights
 
 VARIANTS = ("bn", "nobn")
 StepCallback = Callable[[str, int, int, int, float], None]  # run, epoch, step, total steps, loss
@@ -110,8 +110,10 @@ def to_device(batch: Any, device: torch.device) -> tuple[Any, Any]:
     return x.to(device), y.to(device)
 
 
-def build_pair(mf: ModelFile, example: Any, seed: int) -> dict[str, nn.Module]:
-    """The two variants, sharing initial weights; the user's objects are not modified."""
+def build_pair(mf: ModelFile, example: Any, seed: int, only: str | None = None) -> dict[str, nn.Module]:
+    """The variants to train, ``only`` one or both, sharing initial weights; the user's objects
+    are not modified. A derived variant is derived only when it is trained; with
+    ``build_model(batchnorm)`` both models are built (the no-BN one gives the shared weights)."""
     if mf.takes_batchnorm:
         torch.manual_seed(seed)
         bn = mf.build(True)
@@ -119,14 +121,21 @@ def build_pair(mf: ModelFile, example: Any, seed: int) -> dict[str, nn.Module]:
         nobn = mf.build(False)
         if bn is nobn:
             raise ModelFileError(f"{mf.factory_name}(True) and {mf.factory_name}(False) returned the same object")
-        share_weights(nobn, bn)
-        return {"bn": bn, "nobn": nobn}
+        for model in (nobn, bn):
+            check_forward(mf, model, example)
+        share_weights(nobn, bn, (example,))
+        return {v: m for v, m in (("bn", bn), ("nobn", nobn)) if only in (None, v)}
     torch.manual_seed(seed)
     base = mf.build()
-    with torch.no_grad():  # a forward that fails on the data is the user's problem, not BatchNorm's
-        mf.call("the model's forward pass on a batch of data()", copy.deepcopy(base).eval(), example)
-    bn, nobn = derive_pair(base, example)
-    return {"bn": bn, "nobn": nobn}
+    check_forward(mf, base, example)
+    return {v: derive_variant(base, (example,), v) for v in VARIANTS if only in (None, v)}
+
+
+def check_forward(mf: ModelFile, model: nn.Module, example: Any) -> None:
+    """Run ``model`` (a copy, in eval mode) on ``example`` once: a forward that fails on the data
+    is the user's problem, reported with their traceback, not a variant's."""
+    with torch.no_grad():
+        mf.call("the model's forward pass on a batch of data()", copy.deepcopy(model).eval(), example)
 
 
 def scale_init(model: nn.Module, scale: float) -> None:
@@ -329,9 +338,9 @@ def record_instruments(tracer: Tracer, instruments: Instruments, step: int, x: A
 
 
 def prepare(mf: ModelFile, overrides: dict[str, Any], data: tuple[Any, Any] | None = None,
-            ) -> tuple[Settings, Any, Any, dict[str, nn.Module]]:
-    """Settings, ``(train, val)`` data (``data``, else the file's ``data()``) and the two
-    checked variants (init scale applied)."""
+            only: str | None = None) -> tuple[Settings, Any, Any, dict[str, nn.Module]]:
+    """Settings, ``(train, val)`` data (``data``, else the file's ``data()``) and the checked
+    variants, ``only`` one or both (init scale applied)."""
     s = Settings.resolve(mf.config, overrides)
     train, val = mf.datasets() if data is None else data
     if s.batch_size is None and isinstance(train, DataLoader) and train.batch_size:
@@ -340,7 +349,7 @@ def prepare(mf: ModelFile, overrides: dict[str, Any], data: tuple[Any, Any] | No
     if first is None:
         raise ModelFileError("data() returned an empty training set")
     x, y = to_device(first, torch.device("cpu"))
-    variants = build_pair(mf, x, s.seed)
+    variants = build_pair(mf, x, s.seed, only)
     for run, model in variants.items():
         scale_init(model, s.init_scale)
         check_model(mf, model, run, x, y)
@@ -378,7 +387,7 @@ def train_pair(mf: ModelFile, overrides: dict[str, Any], path: Path, only: str |
     data = mf.datasets()
     outcomes: list[Outcome] = []
     for seed in seed_list:
-        s, train, val, variants = prepare(mf, {**overrides, "seed": seed}, data)
+        s, train, val, variants = prepare(mf, {**overrides, "seed": seed}, data, only)
         if seed == seed_list[0]:
             remove_stale_runs(path, set(names.values()))
         for variant in trained:

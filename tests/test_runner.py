@@ -216,8 +216,8 @@ def test_shared_layers_start_equal_own_pair(tmp_path):
     bn, nobn = initial_weights(mf)
     assert len(bn) == len(nobn) == 4
     assert same_tensors(bn, nobn)
-    # and build_pair gives separate tensors with equal values
-    pair = runner.build_pair(mf, None, seed=0)
+    # and build_pair gives separate tensors with equal values (a batch orders the layers by the forward)
+    pair = runner.build_pair(mf, torch.randn(5, 4), seed=0)
     bn_linears = [m for m in pair["bn"].modules() if isinstance(m, nn.Linear)]
     nobn_linears = [m for m in pair["nobn"].modules() if isinstance(m, nn.Linear)]
     for a, b in zip(bn_linears, nobn_linears, strict=True):
