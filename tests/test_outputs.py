@@ -294,3 +294,85 @@ def test_two_identical_dict_batch_runs_record_the_same_values(tmp_path):
             trace(tmp_path, path, "--steps", 3, "--only", "nobn", out="b") as b:
         np.testing.assert_array_equal(a.scalars(run="nobn")["value"].to_numpy(), b.scalars(run="nobn")["value"].to_numpy())
         assert a.scalars(run="nobn", layer="", metric="loss")["value"].nunique() == 3  # it trains
+
+
+DICT_BATCHES = DATA % "logits" + '''
+
+class Examples(torch.utils.data.Dataset):
+    def __init__(self, pairs):
+        self.pairs = pairs
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, i):
+        x, y = self.pairs[i]
+        return {"x": x, "labels": y}
+
+
+class OwnLoss(nn.Module):
+    """Net, called as model(x=..., labels=...), returning its own loss as Hugging Face models do."""
+
+    def __init__(self, batchnorm):
+        super().__init__()
+        self.net = Net(batchnorm)
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+def data():
+    train, val = make_data()
+    return Examples(train), Examples(val)
+
+
+def build_model(batchnorm):
+    return OwnLoss(batchnorm)
+'''
+
+
+def test_dict_batches_and_the_models_own_loss_train_exactly_as_pairs(tmp_path):
+    """Dict batches, the model called with keyword arguments and its own loss, ICS included
+    (measured with the same keyword call): every recorded value equals the (x, y) run of the
+    same network returning a tensor."""
+    options = ("--steps", 4, "--eval-every", 2, "--ics-every", 2)
+    with trace(tmp_path, write(tmp_path, DICT_BATCHES), *options) as got, \
+            trace(tmp_path, write(tmp_path, DATA % KINDS["tensor"], "plain.py"), *options, out="plain") as plain:
+        for run in ("bn", "nobn"):
+            mine, theirs = got.scalars(run=run), plain.scalars(run=run)
+            assert {"ics_l2", "loss_variation", "val_accuracy", "val_loss_se"} <= set(mine["metric"])
+            assert [name.removeprefix("net.") for name in mine["layer"]] == theirs["layer"].tolist()
+            assert mine["metric"].tolist() == theirs["metric"].tolist()
+            np.testing.assert_array_equal(mine["value"].to_numpy(), theirs["value"].to_numpy())
+
+
+def test_a_models_own_loss_that_is_not_cross_entropy_of_its_logits_gives_no_accuracy():
+    """With the model's own loss, the logits are compared with the labels only in a layout
+    whose cross-entropy is that loss; a loss that is something else gives neither accuracy
+    nor per-example losses (positive case: the plain cross-entropy gives both)."""
+    from covshift.outputs import Criterion
+
+    g = torch.Generator().manual_seed(3)
+    logits, labels = torch.randn(10, 6, 4, generator=g), torch.randint(0, 4, (10, 6), generator=g)
+    ce = nn.functional.cross_entropy(logits.reshape(-1, 4), labels.reshape(-1))
+    other = Criterion().score({"loss": ce + 0.5, "logits": logits}, labels)
+    assert other.loss == pytest.approx(float(ce) + 0.5) and other.targets is None and other.examples is None
+    same = Criterion().score({"loss": ce, "logits": logits}, labels)
+    assert same.targets is not None and len(same.targets) == 60
+    hits = (logits.argmax(-1) == labels).numpy()
+    assert float((same.predicted == same.targets).double().mean()) == hits.mean()
+    log_p = torch.log_softmax(logits.double(), -1).numpy()
+    per_example = -np.take_along_axis(log_p, labels.numpy()[..., None], -1)[..., 0].mean(1)
+    np.testing.assert_allclose(same.examples.numpy(), per_example, rtol=1e-5)
+
+
+def test_float_targets_give_no_accuracy_and_per_example_soft_cross_entropy():
+    from covshift.outputs import Criterion
+
+    g = torch.Generator().manual_seed(4)
+    logits, soft = torch.randn(8, 3, generator=g), torch.softmax(torch.randn(8, 3, generator=g), 1)
+    scored = Criterion().score({"logits": logits}, soft)
+    per_example = -(soft.double() * torch.log_softmax(logits.double(), 1)).sum(1).numpy()
+    assert scored.targets is None and scored.loss == pytest.approx(per_example.mean(), rel=1e-5)
+    np.testing.assert_allclose(scored.examples.numpy(), per_example, rtol=1e-5)
