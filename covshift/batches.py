@@ -10,7 +10,7 @@ A batch that ``data()``'s datasets or DataLoaders yield is either
 
 Every tensor of a batch, also inside nested tuples, lists and dicts, is moved to the
 device. A batch's size, its weight in an evaluation's mean loss, is the length of its
-target, else of the first tensor of the dict.
+target, else of its input's first tensor.
 """
 
 from __future__ import annotations
@@ -60,13 +60,17 @@ class Batch:
         return call(model, self.inputs)
 
     def __len__(self) -> int:
-        if isinstance(self.target, torch.Tensor) and self.target.dim() > 0:
-            return len(self.target)
-        if isinstance(self.inputs, dict):
-            first = next((v for v in self.inputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-            if first is not None:
-                return len(first)
-        return len(self.target) if hasattr(self.target, "__len__") else 1
+        """The number of examples: the length of the first tensor (not a scalar) in the
+        target, else in the inputs; 1 when there is none."""
+        first = _first_tensor((self.target, self.inputs))
+        return 1 if first is None else len(first)
+
+
+def _first_tensor(value: Any) -> torch.Tensor | None:
+    if isinstance(value, torch.Tensor):
+        return value if value.dim() > 0 else None
+    parts = value.values() if isinstance(value, Mapping) else value if isinstance(value, (tuple, list)) else ()
+    return next((t for t in map(_first_tensor, parts) if t is not None), None)
 
 
 def to_device(batch: Any, device: torch.device) -> Batch:
