@@ -12,6 +12,9 @@ An example with several values (``mse_loss`` on ``(N, D)`` outputs) gets their m
 are used only when their mean equals the batch loss ``loss_fn(output, target)`` to within
 :data:`MEAN_TOLERANCE`: a loss that sums over the batch, weights classes or ignores some
 targets is not a mean of per-example values and gives none (and so no standard error).
+
+This applies to a ``loss_fn`` the model file defines, and to a tensor output without one;
+the default losses of structured outputs get theirs in :mod:`covshift.outputs`.
 """
 
 from __future__ import annotations
@@ -56,6 +59,9 @@ def per_example(loss_fn: Callable, output: Any, target: Any, batch_loss: float) 
     if not isinstance(values, torch.Tensor) or values.dim() == 0 or len(values) != len(target):
         return None
     values = values.detach().to("cpu", torch.float64).reshape(len(target), -1).mean(1)
-    if not math.isclose(float(values.mean()), batch_loss, rel_tol=MEAN_TOLERANCE, abs_tol=MEAN_TOLERANCE):
-        return None
-    return values
+    return values if mean_matches(values, batch_loss) else None
+
+
+def mean_matches(values: torch.Tensor, batch_loss: float) -> bool:
+    """Whether the mean of the per-example ``values`` is ``batch_loss`` (:data:`MEAN_TOLERANCE`)."""
+    return math.isclose(float(values.mean()), batch_loss, rel_tol=MEAN_TOLERANCE, abs_tol=MEAN_TOLERANCE)

@@ -4,7 +4,8 @@ Definitions follow Santurkar, Tsipras, Ilyas & Madry, "How Does Batch Normalizat
 Optimization?" (NeurIPS 2018), sections 2.2 and 3.1.
 
 Notation. One training step t uses the batch ``(x, y)`` and the loss
-``L(θ) = loss_fn(model(x; θ), y)``. The trainable parameters are split into layer groups
+``L(θ) = loss_fn(model(x; θ), y)``; a dict ``x`` (a Hugging Face batch) is passed as keyword
+arguments, ``model(**x; θ)``. The trainable parameters are split into layer groups
 ``W_1, ..., W_k`` (:func:`layer_groups`: every module that directly owns trainable
 parameters, in ``named_modules`` order, a BatchNorm's affine parameters counted with the
 layer before it). ``W^t`` ("before") are the values before ``optimizer.step()``,
@@ -100,7 +101,7 @@ class _Evaluator:
     def __init__(self, model: nn.Module, loss_fn: LossFn, x: Any, y: Any) -> None:
         self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-        self.devices = _cuda_devices(model, x, y)
+        self.devices = _cuda_devices(model, *(x.values() if isinstance(x, dict) else (x,)), y)
 
     def __call__(self, values: dict[str, Tensor], wrt: Sequence[str]) -> tuple[float, list[Tensor]]:
         """``(L, [∂L/∂values[n] for n in wrt])`` with parameters ``values`` (trainable names)."""
@@ -109,8 +110,9 @@ class _Evaluator:
             params[n].requires_grad_(True)
         params.update(self.frozen)
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        args, kwargs = ((), self.x) if isinstance(self.x, dict) else ((self.x,), None)
         with torch.random.fork_rng(devices=self.devices), torch.enable_grad():
-            out = functional_call(self.model, (params, buffers), (self.x,))
+            out = functional_call(self.model, (params, buffers), args, kwargs)
             loss = self.loss_fn(out, self.y)
             inputs = [params[n] for n in wrt]
             grads = torch.autograd.grad(loss, inputs, allow_unused=True) if inputs else ()

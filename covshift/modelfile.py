@@ -5,8 +5,10 @@ A model file is a plain Python file that defines
 - ``build_model(batchnorm: bool) -> nn.Module`` (both variants, built by the user), or
   ``build_model() -> nn.Module``, or a module-level ``model`` instance (covshift derives
   the other variant);
-- ``data()`` returning ``(train, val)`` datasets or DataLoaders;
-- optionally ``loss_fn(output, target)`` (default: cross-entropy) and a ``config`` dict.
+- ``data()`` returning ``(train, val)`` datasets or DataLoaders of ``(input, target)``
+  pairs or dicts of keyword arguments (:mod:`covshift.batches`);
+- optionally ``loss_fn(output, target)`` (default: the output's own ``loss``, else
+  cross-entropy of its logits: :mod:`covshift.outputs`) and a ``config`` dict.
 
 ``path.py:name`` picks another factory name. Every problem becomes a
 :class:`ModelFileError` whose message names it and the fix; an exception raised inside
@@ -54,11 +56,6 @@ class ModelFile:
     data: Callable[[], Any]
     loss_fn: Callable[[Any, Any], Any] | None
     config: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def criterion(self) -> Callable[[Any, Any], Any]:
-        """The file's ``loss_fn``, else cross-entropy."""
-        return self.loss_fn or nn.functional.cross_entropy
 
     def call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
         """Run user code, turning an exception into a ModelFileError with their traceback."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import math
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -20,8 +19,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .example_losses import per_example
+from .batches import Batch, call, to_device
 from .modelfile import ModelFile, ModelFileError, user_traceback
+from .outputs import Criterion, evaluate
 from .store import TraceWriter, load
 from .ics import Instruments
 from .tracer import ROOT, Tracer
@@ -102,14 +102,6 @@ def loader(data: Dataset | DataLoader, batch_size: int, seed: int | None, limit:
                       collate_fn=collate)
 
 
-def to_device(batch: Any, device: torch.device) -> tuple[Any, Any]:
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ModelFileError("data() must yield (input, target) pairs: each batch here has "
-                             f"{len(batch) if isinstance(batch, (tuple, list)) else type(batch).__name__} parts")
-    x, y = batch
-    return x.to(device), y.to(device)
-
-
 def build_pair(mf: ModelFile, example: Any, seed: int, only: str | None = None) -> dict[str, nn.Module]:
     """The variants to train, ``only`` one or both, sharing initial weights; the user's objects
     are not modified. A derived variant is derived only when it is trained; with
@@ -123,19 +115,25 @@ def build_pair(mf: ModelFile, example: Any, seed: int, only: str | None = None) 
             raise ModelFileError(f"{mf.factory_name}(True) and {mf.factory_name}(False) returned the same object")
         for model in (nobn, bn):
             check_forward(mf, model, example)
-        share_weights(nobn, bn, (example,))
+        share_weights(nobn, bn, forward_input(example))
         return {v: m for v, m in (("bn", bn), ("nobn", nobn)) if only in (None, v)}
     torch.manual_seed(seed)
     base = mf.build()
     check_forward(mf, base, example)
-    return {v: derive_variant(base, (example,), v) for v in VARIANTS if only in (None, v)}
+    return {v: derive_variant(base, forward_input(example), v) for v in VARIANTS if only in (None, v)}
+
+
+def forward_input(inputs: Any) -> Any:
+    """A batch's inputs as the variants module takes an example: a dict as keyword
+    arguments, anything else as the single argument (as ``batches.call`` calls the model)."""
+    return inputs if isinstance(inputs, dict) else (inputs,)
 
 
 def check_forward(mf: ModelFile, model: nn.Module, example: Any) -> None:
     """Run ``model`` (a copy, in eval mode) on ``example`` once: a forward that fails on the data
     is the user's problem, reported with their traceback, not a variant's."""
     with torch.no_grad():
-        mf.call("the model's forward pass on a batch of data()", copy.deepcopy(model).eval(), example)
+        mf.call("the model's forward pass on a batch of data()", call, copy.deepcopy(model).eval(), example)
 
 
 def scale_init(model: nn.Module, scale: float) -> None:
@@ -148,75 +146,19 @@ def scale_init(model: nn.Module, scale: float) -> None:
                 module.weight.mul_(scale)
 
 
-def check_model(mf: ModelFile, model: nn.Module, run: str, x: Any, y: Any) -> None:
+def check_model(mf: ModelFile, criterion: Criterion, model: nn.Module, run: str, batch: Batch) -> None:
     """Fail early, with a clear message, when the model cannot take the data or the loss
     cannot combine output and target."""
     model.eval()
     with torch.no_grad():
-        out = mf.call(f"the {run} model's forward pass on a batch of data()", model, x)
+        out = mf.call(f"the {run} model's forward pass on a batch of data()", batch.forward, model)
         try:
-            loss = mf.criterion(out, y)
+            loss = criterion(out, batch.target)
         except Exception as e:
-            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            if mf.loss_fn is None:
-                message = (f"cross-entropy, the default loss, cannot combine the model's output {shape} with the "
-                           f"target {tuple(y.shape)} ({type(e).__name__}: {e}): define loss_fn(output, target) "
-                           "in the model file")
-            else:
-                message = f"loss_fn(output {shape}, target {tuple(y.shape)}) raised {type(e).__name__}: {e}"
-            raise ModelFileError(message, user_traceback(e, mf.path)) from e
+            raise ModelFileError(criterion.failure(out, batch.target, e), user_traceback(e, mf.path)) from e
     model.train()
     if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise ModelFileError("loss_fn(output, target) must return a single-value tensor")
-
-
-@dataclass
-class Evaluation:
-    """One pass over a data set in eval mode. ``accuracy`` and ``majority`` (the frequency of
-    the most common class: the accuracy of always guessing it) only for class-index targets;
-    ``loss_se``, the standard error of the mean loss, only when the loss function gives
-    per-example losses (:mod:`covshift.example_losses`)."""
-
-    loss: float
-    accuracy: float | None = None
-    majority: float | None = None
-    loss_se: float | None = None
-
-    def metrics(self, prefix: str) -> dict[str, float]:
-        """``{prefix}_loss`` and, when measured, ``{prefix}_loss_se`` and ``{prefix}_accuracy``."""
-        found = {"loss": self.loss, "loss_se": self.loss_se, "accuracy": self.accuracy}
-        return {f"{prefix}_{name}": value for name, value in found.items() if value is not None}
-
-
-def evaluate(model: nn.Module, data: DataLoader, loss_fn: Callable, device: torch.device) -> Evaluation:
-    """The model's mean loss over ``data`` in eval mode, without gradients, with its standard
-    error (the sample std, ddof 1, of the per-example losses over √n), and for class-index
-    targets its accuracy."""
-    model.eval()
-    total, count, correct, classify = 0.0, 0, 0, True
-    classes: Counter[int] = Counter()
-    examples: list[torch.Tensor] | None = []
-    with torch.no_grad():
-        for batch in data:
-            x, y = to_device(batch, device)
-            out = model(x)
-            loss = float(loss_fn(out, y))
-            total += loss * len(y)
-            count += len(y)
-            if examples is not None:  # None once a batch gave no per-example losses
-                values = per_example(loss_fn, out, y, loss)
-                examples = None if values is None else [*examples, values]
-            classify = classify and out.dim() == 2 and y.dim() == 1 and not y.is_floating_point()
-            if classify:
-                correct += int((out.argmax(1) == y).sum())
-                labels, counts = torch.unique(y, return_counts=True)
-                classes.update(dict(zip(labels.tolist(), counts.tolist())))
-    model.train()
-    every = torch.cat(examples) if examples else torch.empty(0)
-    se = float(every.std() / math.sqrt(len(every))) if len(every) > 1 else None
-    if not (classify and count):
-        return Evaluation(total / max(count, 1), loss_se=se)
-    return Evaluation(total / count, correct / count, max(classes.values()) / count, se)
+        raise ModelFileError("the loss (loss_fn(output, target), or the output's loss) must be a single-value tensor")
 
 
 def make_optimizer(model: nn.Module, s: Settings) -> torch.optim.Optimizer:
@@ -240,7 +182,7 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
     Tracer attached; stops at the first non-finite loss. Raises :class:`Interrupted` on
     Ctrl-C, and :class:`ModelFileError` when the user's code raises, after the trace is
     flushed. ``extra`` goes into the run's config."""
-    loss_fn = mf.criterion
+    criterion = Criterion(mf.loss_fn)
     config = {"model_file": str(mf.path), "factory": mf.factory_name, **(extra or {})}
     device = torch.device(s.device)
     torch.manual_seed(s.seed)
@@ -258,7 +200,7 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
     del settings["steps"]  # "steps" is what the run did, set when the tracer closes
     start = time.perf_counter()
 
-    instruments = Instruments(model, loss_fn, s.ics_every, lambda: float(optimizer.param_groups[0]["lr"])) \
+    instruments = Instruments(model, criterion, s.ics_every, lambda: float(optimizer.param_groups[0]["lr"])) \
         if s.ics_every else None
     validated = [-1]  # the step of the last validation
 
@@ -267,8 +209,8 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
         if validated[0] == outcome.steps:
             return
         validated[0] = outcome.steps
-        on_val = evaluate(model, val_batches, loss_fn, device)
-        on_train = evaluate(model, train_eval_batches, loss_fn, device)
+        on_val = evaluate(model, val_batches, criterion, device)
+        on_train = evaluate(model, train_eval_batches, criterion, device)
         outcome.val_loss, outcome.val_accuracy, outcome.train_loss = on_val.loss, on_val.accuracy, on_train.loss
         if on_val.majority is not None:
             tracer.config["chance_accuracy"] = on_val.majority
@@ -280,17 +222,17 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
             epoch = 0
             while outcome.steps < total and outcome.diverged_at is None:
                 epoch += 1
-                for batch in batches:
-                    x, y = to_device(batch, device)
+                for raw in batches:
+                    batch = to_device(raw, device)
                     optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(model(x), y)
+                    loss = criterion(batch.forward(model), batch.target)
                     loss.backward()
                     if instruments is not None:
                         instruments.before_step(outcome.steps)
                     optimizer.step()
                     index = tracer.step(loss=loss)
                     if instruments is not None:
-                        record_instruments(tracer, instruments, index, x, y)
+                        record_instruments(tracer, instruments, index, batch)
                     outcome.steps += 1
                     value = float(loss.detach())
                     if on_step is not None:
@@ -323,10 +265,10 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
     return outcome
 
 
-def record_instruments(tracer: Tracer, instruments: Instruments, step: int, x: Any, y: Any) -> None:
+def record_instruments(tracer: Tracer, instruments: Instruments, step: int, batch: Batch) -> None:
     """Measure ICS and the loss landscape at ``step`` when due, outside the recorded statistics."""
     with tracer.paused():
-        measured = instruments.after_step(step, x, y)
+        measured = instruments.after_step(step, batch.inputs, batch.target)
     if not measured:
         return
     hooked = set(tracer.layers)
@@ -348,11 +290,12 @@ def prepare(mf: ModelFile, overrides: dict[str, Any], data: tuple[Any, Any] | No
     first = next(iter(loader(train, s.batch_size or 64, s.seed)), None)
     if first is None:
         raise ModelFileError("data() returned an empty training set")
-    x, y = to_device(first, torch.device("cpu"))
-    variants = build_pair(mf, x, s.seed, only)
+    batch = to_device(first, torch.device("cpu"))
+    variants = build_pair(mf, batch.inputs, s.seed, only)
+    criterion = Criterion(mf.loss_fn)
     for run, model in variants.items():
         scale_init(model, s.init_scale)
-        check_model(mf, model, run, x, y)
+        check_model(mf, criterion, model, run, batch)
     return s, train, val, variants
 
 
