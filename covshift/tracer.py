@@ -125,7 +125,7 @@ class Tracer:
         if self._writer is not None:
             raise RuntimeError("this Tracer has already been started")
         settings = {"every": self.every, "detail_every": self.detail_every,
-                    "sample_size": self.sample_size, "bins": self.bins}
+                    "sample_size": self.sample_size, "bins": self.bins, "include_eval": self.include_eval}
         self._writer = TraceWriter(self.path)
         try:
             self._run_id = self._writer.add_run(self.run, {**self.config, "tracer": settings}, self.overwrite)
