@@ -68,9 +68,12 @@ class LayerStep:
 
     moments: list[tuple[int, int]] = field(default_factory=list)  # (numel, moments) of each call
     samples: list[int] = field(default_factory=list)  # the subsample of each call
+    inputs: list[int] = field(default_factory=list)  # the input subsample of each call (GELU, SiLU)
+    calls: int = 0  # calls recorded in the step
     maxima: list[int] = field(default_factory=list)  # per-unit maxima of each call (ReLU family)
     pooled: np.ndarray | None = None  # the calls' samples pooled, set by summarize
     summary: np.ndarray | None = None  # sample_stats of ``pooled``, set by summarize
+    derivative: bool = False  # whether ``summary`` has saturation and gain, set by summarize
     grads: list[tuple[int, int]] = field(default_factory=list)  # (numel, sum of squares)
     units: list[int] = field(default_factory=list)  # unit_sums, one per call
     unit_counts: list[int] = field(default_factory=list)  # elements per unit, one per call
@@ -85,7 +88,7 @@ class StepRecord:
     slots: Slots = field(default_factory=Slots)
     layers: dict[str, LayerStep] = field(default_factory=dict)
     loss: int | None = None
-    lr: int | None = None
+    lrs: list[tuple[int, int]] = field(default_factory=list)  # (param group, lr) at optimizer.step()
     grad_params: list[int] = field(default_factory=list)  # indices of params that had a grad
     grad_norms: int | None = None
     tracked: list[tuple[str, str, int]] = field(default_factory=list)  # (layer, attr, param index)
@@ -100,12 +103,12 @@ class StepRecord:
             found = self.layers[layer] = LayerStep()
         return found
 
-    def rows(self, kinds: dict[str, bool]) -> list[tuple[str, str, float]]:
-        """``(layer, metric, value)`` rows; ``kinds[layer]`` says whether the layer has a
-        known nonlinearity (and so saturation and gain)."""
+    def rows(self) -> list[tuple[str, str, float]]:
+        """``(layer, metric, value)`` rows of a fetched and summarised record. A value that
+        cannot be computed (an update ratio of a zero weight) has no row."""
         out: list[tuple[str, str, float]] = []
         for name, ls in self.layers.items():
-            out += [(name, metric, value) for metric, value in layer_metrics(ls, self.slots, kinds[name])]
+            out += [(name, metric, value) for metric, value in layer_metrics(ls, self.slots)]
         get = self.slots.get
         gnorm = get(self.grad_norms) if self.grad_norms is not None else np.empty(0)
         grad_of = dict(zip(self.grad_params, gnorm))
@@ -117,12 +120,11 @@ class StepRecord:
                 if p in grad_of:
                     out.append((layer, f"{attr}.grad_norm", float(grad_of[p])))
                 out.append((layer, f"{attr}.norm", float(wn[j])))
-                if upd is not None and prev is not None:
-                    ratio = upd[j] / prev[j] if prev[j] > 0 else math.nan
-                    out.append((layer, f"{attr}.update_ratio", float(ratio)))
-        for metric, handle in (("loss", self.loss), ("lr", self.lr)):
-            if handle is not None:
-                out.append(("", metric, float(get(handle)[0])))
+                if upd is not None and prev is not None and prev[j] > 0:
+                    out.append((layer, f"{attr}.update_ratio", float(upd[j] / prev[j])))
+        if self.loss is not None:
+            out.append(("", "loss", float(get(self.loss)[0])))
+        out += [("", "lr" if group == 0 else f"lr.{group}", float(get(h)[0])) for group, h in self.lrs]
         if len(gnorm):
             out.append(("", "grad_norm", float(np.sqrt(np.sum(gnorm**2)))))
         return out
@@ -176,17 +178,23 @@ def summarize(records: list[StepRecord], kinds: dict[str, stats.Nonlinearity | N
     """Pool and summarise the samples of every fetched record, batching the steps of a
     layer whose pooled samples have the same length into one array."""
     rng = np.random.default_rng(0)
-    groups: dict[tuple[str, int], list[LayerStep]] = defaultdict(list)
+    groups: dict[tuple[str, int, bool], list[tuple[LayerStep, np.ndarray | None]]] = defaultdict(list)
     for rec in records:
         for name, ls in rec.layers.items():
             if ls.samples:
                 sizes = [n for n, _ in ls.moments]
                 ls.pooled = pool(sizes, [rec.slots.get(h) for h in ls.samples], rng)
-                groups[(name, len(ls.pooled))].append(ls)
-    for (name, _), members in groups.items():
-        summaries = stats.sample_stats(np.stack([ls.pooled for ls in members]), kinds[name])
-        for ls, summary in zip(members, summaries):
+                inputs = None
+                if len(ls.inputs) == len(ls.samples):  # every call's input was sampled
+                    inputs = pool(sizes, [rec.slots.get(h) for h in ls.inputs], rng)
+                groups[(name, len(ls.pooled), inputs is not None)].append((ls, inputs))
+    for (name, _, has_inputs), members in groups.items():
+        kind = kinds[name]
+        inputs = np.stack([x for _, x in members]) if has_inputs else None
+        summaries = stats.sample_stats(np.stack([ls.pooled for ls, _ in members]), kind, inputs)
+        for (ls, _), summary in zip(members, summaries):
             ls.summary = summary
+            ls.derivative = kind is not None and (has_inputs or not kind.of_input)
 
 
 def unit_parts(ls: LayerStep, slots: Slots) -> list[np.ndarray]:
@@ -196,7 +204,7 @@ def unit_parts(ls: LayerStep, slots: Slots) -> list[np.ndarray]:
     return parts if len({p.shape for p in parts}) == 1 else []
 
 
-def layer_metrics(ls: LayerStep, slots: Slots, has_kind: bool) -> list[tuple[str, float]]:
+def layer_metrics(ls: LayerStep, slots: Slots) -> list[tuple[str, float]]:
     """The finished layer metrics of one step, merging every call of the module exactly."""
     out: list[tuple[str, float]] = []
     if ls.moments:
@@ -215,7 +223,7 @@ def layer_metrics(ls: LayerStep, slots: Slots, has_kind: bool) -> list[tuple[str
         out += [("min", lo), ("max", hi)]
         p15, p50, p85, sat, gain, bad = ls.summary
         out += [("p15", p15), ("p50", p50), ("p85", p85)]
-        if has_kind:
+        if ls.derivative:
             out += [("saturation", sat), ("gain", gain)]
         maxima = [slots.get(h) for h in ls.maxima]
         if maxima and len({m.shape for m in maxima}) == 1:
@@ -223,6 +231,7 @@ def layer_metrics(ls: LayerStep, slots: Slots, has_kind: bool) -> list[tuple[str
         # exact when every call was sampled whole; zero exactly when min and max are finite
         finite = math.isfinite(lo) and math.isfinite(hi)
         out.append(("nonfinite", 0.0 if finite else float(max(round(bad * total), 1))))
+        out.append(("calls", ls.calls))
     if unit_parts(ls, slots):  # detail steps: the sample size behind each unit's mean and variance
         out.append(("unit_count", sum(ls.unit_counts)))
     if ls.grads:

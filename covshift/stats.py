@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
@@ -36,8 +37,10 @@ LAYER_METRICS: dict[str, str] = {
     "p15": "15th percentile of the output (lower method)",
     "p50": "median of the output (lower method)",
     "p85": "85th percentile of the output (lower method)",
-    "saturation": "fraction of outputs where the nonlinearity's local derivative is below 10% of its maximum",
+    "saturation": "fraction of values where the nonlinearity's local derivative is below 10% of its maximum"
+                  " in absolute value (of the input for GELU and SiLU, else of the output)",
     "gain": "mean local derivative of the nonlinearity, relative to its maximum",
+    "calls": "number of times the module was called (and recorded) in the step; its calls are merged",
     "dead": "units (channels) inactive on every element of the step (ReLU family)",
     "nonfinite": "number of NaN or infinite outputs",
     "grad_norm": "L2 norm of the loss gradient w.r.t. the output",
@@ -48,15 +51,18 @@ LAYER_METRICS: dict[str, str] = {
 PARAM_METRICS: dict[str, str] = {
     "grad_norm": "L2 norm of the parameter's gradient",
     "norm": "L2 norm of the parameter after the optimizer step",
-    "update_ratio": "||W_t - W_(t-1)|| / ||W_(t-1)||, the size of the step's update",
+    "update_ratio": "||W_t - W_(t-1)|| / ||W_(t-1)||, the size of the step's update (no row when ||W_(t-1)|| = 0)",
 }
 #: Run metrics, recorded with an empty layer name.
 RUN_METRICS: dict[str, str] = {
     "loss": "the loss passed to Tracer.step",
-    "lr": "learning rate of the optimizer's first parameter group",
+    "lr": "learning rate of parameter group 0 used by the step's optimizer.step()",
+    "lr.<i>": "learning rate of parameter group i (i >= 1) used by the step's optimizer.step()",
     "grad_norm": "L2 norm of all parameter gradients together",
 }
 PERCENTILES = (0.15, 0.50, 0.85)
+#: A value is saturated when its nonlinearity's local derivative, divided by the
+#: derivative's maximum, is below this in absolute value (it passes < 10% of the gradient).
 SATURATION_THRESHOLD = 0.1
 #: Order of the values :func:`sample_stats` returns.
 SAMPLE_FIELDS = ("p15", "p50", "p85", "saturation", "gain", "nonfinite")
@@ -64,13 +70,16 @@ SAMPLE_FIELDS = ("p15", "p50", "p85", "saturation", "gain", "nonfinite")
 
 @dataclass(frozen=True)
 class Nonlinearity:
-    """How a nonlinearity's local derivative (divided by its maximum) follows from its output."""
+    """A nonlinearity's local derivative divided by its maximum, as a function of its output
+    (``of_input=False``) or, where the output does not determine it (GELU, SiLU), of its
+    input (``of_input=True``: the tracer then samples the layer's input too)."""
 
     name: str
     derivative: Callable[[Tensor], Tensor]
     low: float | None = None  # output range, when the function bounds it
     high: float | None = None
     relu_family: bool = False  # has a zero-gradient region, so units can die
+    of_input: bool = False
 
 
 def _leaky(slope: float) -> Callable[[Tensor], Tensor]:
@@ -87,22 +96,79 @@ def _window(low: float, high: float) -> Callable[[Tensor], Tensor]:
     return lambda y: ((y > low) & (y < high)).to(y.dtype)
 
 
+def _gelu_tanh_prime(x: Tensor) -> Tensor:
+    c = math.sqrt(2.0 / math.pi)
+    t = torch.tanh(c * (x + 0.044715 * x**3))
+    return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * x * x)
+
+
+def _swish_prime(a: float) -> Callable[[Tensor], Tensor]:
+    """Derivative of ``x * sigmoid(a x)`` (SiLU: a = 1; QuickGELU: a = 1.702)."""
+    return lambda x: torch.sigmoid(a * x) * (1.0 + a * x * (1.0 - torch.sigmoid(a * x)))
+
+
+#: Inputs on which the peak of an input-based derivative is found (the peaks lie in [-3, 3]).
+PEAK_GRID = torch.linspace(-10.0, 10.0, 200_001, dtype=torch.float64)
+
+
+def _by_input(name: str, prime: Callable[[Tensor], Tensor]) -> Nonlinearity:
+    """A :class:`Nonlinearity` whose derivative ``prime`` of the input is divided by its
+    maximum, found on :data:`PEAK_GRID` (relative error below 1e-9: the peak is flat)."""
+    top = float(prime(PEAK_GRID).max())
+    return Nonlinearity(name, lambda x: prime(x) / top, of_input=True)
+
+
+#: Functions recognised by behaviour (:func:`nonlinearity`), each with its Nonlinearity.
+BEHAVIOURS: dict[str, tuple[Callable[[Tensor], Tensor], Nonlinearity]] = {
+    "sigmoid": (torch.sigmoid, Nonlinearity("sigmoid", lambda y: 4.0 * y * (1.0 - y), 0.0, 1.0)),
+    "tanh": (torch.tanh, Nonlinearity("tanh", lambda y: 1.0 - y * y, -1.0, 1.0)),
+    "softsign": (nn.functional.softsign, Nonlinearity("softsign", lambda y: (1.0 - y.abs()) ** 2, -1.0, 1.0)),
+    "relu": (torch.relu, Nonlinearity("relu", _window(0.0, math.inf), relu_family=True)),
+    "relu6": (nn.functional.relu6, Nonlinearity("relu6", _window(0.0, 6.0), 0.0, 6.0, relu_family=True)),
+    "gelu": (nn.functional.gelu,
+             _by_input("gelu", lambda x: torch.special.ndtr(x) + x * torch.exp(-0.5 * x * x) / math.sqrt(2 * math.pi))),
+    "gelu_tanh": (partial(nn.functional.gelu, approximate="tanh"), _by_input("gelu_tanh", _gelu_tanh_prime)),
+    "silu": (nn.functional.silu, _by_input("silu", _swish_prime(1.0))),
+    "quick_gelu": (lambda x: x * torch.sigmoid(1.702 * x), _by_input("quick_gelu", _swish_prime(1.702))),
+}
+#: The probe input of behaviour recognition: float64, wide enough that a clipped variant
+#: (Hugging Face's ``gelu_10``, clipped at 10) does not pass for the unclipped function.
+PROBE = torch.linspace(-12.0, 12.0, 97, dtype=torch.float64)
+#: Largest difference |module(PROBE) - f(PROBE)| / (1 + |f(PROBE)|) that still counts as f:
+#: float32 implementations pass; GELU and its tanh approximation (4.7e-4 apart) differ.
+PROBE_TOLERANCE = 1e-5
+
+
+def behaviour(module: nn.Module) -> Nonlinearity | None:
+    """The :data:`BEHAVIOURS` entry that a parameter-free ``module`` computes on :data:`PROBE`,
+    or None. The probe calls ``module.forward`` once (no hooks run) under ``no_grad`` on the
+    CPU, with the CPU random state restored; a module that fails on it is not a nonlinearity."""
+    if next(module.parameters(), None) is not None:
+        return None
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = module.forward(PROBE.clone())
+        out = out.detach().to("cpu", torch.float64)
+    except Exception:  # any failure means "not an elementwise function of a float tensor"
+        return None
+    if out.shape != PROBE.shape:
+        return None
+    for function, kind in BEHAVIOURS.values():
+        want = function(PROBE)
+        if bool(((out - want).abs() <= PROBE_TOLERANCE * (1.0 + want.abs())).all()):
+            return kind
+    return None
+
+
 def nonlinearity(module: nn.Module) -> Nonlinearity | None:
-    """The :class:`Nonlinearity` of ``module``, or None when its output does not determine
-    its derivative (GELU, SiLU, Linear, ...)."""
-    if isinstance(module, nn.Sigmoid):
-        return Nonlinearity("sigmoid", lambda y: 4.0 * y * (1.0 - y), 0.0, 1.0)
-    if isinstance(module, nn.Tanh):
-        return Nonlinearity("tanh", lambda y: 1.0 - y * y, -1.0, 1.0)
-    if isinstance(module, nn.Softsign):
-        return Nonlinearity("softsign", lambda y: (1.0 - y.abs()) ** 2, -1.0, 1.0)
+    """The :class:`Nonlinearity` of ``module``: by class for the parametrised ``torch.nn``
+    activations (Hardtanh, ReLU6, LeakyReLU, ELU, Softplus), otherwise by :func:`behaviour`
+    (Sigmoid, Tanh, ReLU, GELU, SiLU, ... of any library, or a user's own class)."""
     if isinstance(module, nn.ReLU6):  # a Hardtanh subclass: test it first
-        return Nonlinearity("relu6", _window(0.0, 6.0), 0.0, 6.0, relu_family=True)
+        return BEHAVIOURS["relu6"][1]
     if isinstance(module, nn.Hardtanh):
         lo, hi = float(module.min_val), float(module.max_val)
         return Nonlinearity("hardtanh", _window(lo, hi), lo, hi)
-    if isinstance(module, nn.ReLU):
-        return Nonlinearity("relu", _window(0.0, math.inf), relu_family=True)
     if isinstance(module, nn.LeakyReLU):
         return Nonlinearity("leaky_relu", _leaky(float(module.negative_slope)), relu_family=True)
     if isinstance(module, nn.ELU):
@@ -110,7 +176,7 @@ def nonlinearity(module: nn.Module) -> Nonlinearity | None:
     if isinstance(module, nn.Softplus):
         beta = float(module.beta)
         return Nonlinearity("softplus", lambda y: 1.0 - torch.exp(-beta * y))
-    return None
+    return behaviour(module)
 
 
 def flat_float(x: Tensor) -> Tensor:
@@ -174,11 +240,15 @@ def take_sample(flat: Tensor, idx: Tensor | None) -> Tensor:
     return flat.clone() if idx is None else torch.index_select(flat, 0, idx)
 
 
-def sample_stats(samples: np.ndarray | Tensor, kind: Nonlinearity | None) -> np.ndarray:
+def sample_stats(samples: np.ndarray | Tensor, kind: Nonlinearity | None,
+                 inputs: np.ndarray | None = None) -> np.ndarray:
     """``SAMPLE_FIELDS`` of each row of ``samples``, on the host (a 1-D input
     gives one row's values), in the samples' dtype: percentiles by the lower method (numpy's ``method="lower"``:
-    the element of rank ``floor((n-1)q)``), saturation and gain (NaN when ``kind`` is
-    None), and the fraction of NaN or infinite values.
+    the element of rank ``floor((n-1)q)``), saturation (the fraction with
+    ``|g| < SATURATION_THRESHOLD``) and gain (the mean of ``g``) of ``g = kind.derivative``,
+    and the fraction of NaN or infinite values. ``g`` is taken of ``samples``, or of
+    ``inputs`` (the layer's input samples, same shape) for a ``kind.of_input``; saturation
+    and gain are NaN when ``kind`` is None or such a kind has no ``inputs``.
 
     Called at flush time on every buffered step at once, so training pays no per-step
     kernels for these.
@@ -189,9 +259,11 @@ def sample_stats(samples: np.ndarray | Tensor, kind: Nonlinearity | None) -> np.
     ranks = [int((rows.shape[1] - 1) * q) for q in PERCENTILES]
     out = np.full((rows.shape[0], len(SAMPLE_FIELDS)), np.nan)
     out[:, :3] = np.sort(rows, axis=1)[:, ranks]  # numpy's vectorised sort beats three partitions
-    if kind is not None:
-        deriv = kind.derivative(torch.from_numpy(rows)).double().numpy()
-        out[:, 3] = (deriv < SATURATION_THRESHOLD).mean(axis=1)
+    source = None if kind is None else (np.atleast_2d(inputs) if kind.of_input and inputs is not None
+                                        else None if kind.of_input else rows)
+    if source is not None:
+        deriv = kind.derivative(torch.from_numpy(np.ascontiguousarray(source))).double().numpy()
+        out[:, 3] = (np.abs(deriv) < SATURATION_THRESHOLD).mean(axis=1)
         out[:, 4] = deriv.mean(axis=1)
     out[:, 5] = (~np.isfinite(rows)).mean(axis=1)
     return out[0] if np.ndim(samples) == 1 else out

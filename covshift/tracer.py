@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -16,11 +15,11 @@ import torch
 from torch import Tensor, nn
 
 from . import stats
+from .layers import ROOT, calls_children_functionally, first_tensor, functional_candidates, select_layers
 from .records import Slots, StepRecord, fetch, summarize
 from .store import TraceWriter
 
-#: Name given to the model itself when it is hooked (its qualified name is empty).
-ROOT = "(model)"
+__all__ = ["ROOT", "Tracer", "first_tensor", "select_layers"]
 
 
 @dataclass
@@ -32,47 +31,7 @@ class _Layer:
     edges: np.ndarray | None = None  # histogram edges, fixed at the layer's first flush
     edges_written: bool = False
     indices: dict[int, Tensor | None] = field(default_factory=dict)
-
-
-def select_layers(model: nn.Module, layers: Any = None) -> list[tuple[str, nn.Module]]:
-    """The ``(name, module)`` pairs to hook, in ``named_modules`` order.
-
-    ``layers=None`` picks every leaf module. Otherwise ``layers`` is a module type, a glob on
-    qualified names (``"features.*"``), or a list of both; a module matching any is hooked.
-
-    >>> select_layers(nn.Sequential(nn.Linear(2, 2), nn.Tanh()), [nn.Tanh])
-    [('1', Tanh())]
-    """
-    if layers is not None and not isinstance(layers, (list, tuple, set)):
-        layers = [layers]
-    types = tuple(x for x in layers or () if isinstance(x, type))
-    globs = [x for x in layers or () if isinstance(x, str)]
-    if layers is not None and len(types) + len(globs) != len(layers):
-        raise TypeError("layers= takes module types and name globs (str)")
-    chosen = []
-    for name, module in model.named_modules():
-        if layers is None:
-            hit = next(module.children(), None) is None
-        else:
-            hit = isinstance(module, types) or any(fnmatch.fnmatchcase(name, g) for g in globs)
-        if hit:
-            chosen.append((name or ROOT, module))
-    return chosen
-
-
-def first_tensor(output: Any) -> Tensor | None:
-    """The tensor a layer's statistics describe: the output itself, or the first floating
-    tensor inside a tuple, list or dict output (an LSTM's output sequence)."""
-    if isinstance(output, Tensor):
-        return output if output.is_floating_point() else None
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        for item in output:
-            found = first_tensor(item)
-            if found is not None:
-                return found
-    return None
+    input_sample: Tensor | None = None  # of_input kinds: this call's input sample, from the pre-hook
 
 
 def _scalar(value: Tensor | float) -> Tensor:
@@ -94,8 +53,9 @@ class Tracer:
     ...         tracer.step(loss=loss)
 
     Forward passes with gradients disabled (validation under ``torch.no_grad()``) are not
-    recorded. Only steps ended by :meth:`step` reach the file; they are written every
-    ``flush_every`` recorded steps and when the tracer closes, also on an exception.
+    recorded, nor, unless ``include_eval``, those while ``model`` is in eval mode. Only steps
+    ended by :meth:`step` reach the file; they are written every ``flush_every`` recorded
+    steps and when the tracer closes, also on an exception.
     """
 
     def __init__(
@@ -113,6 +73,7 @@ class Tracer:
         bins: int = 64,
         config: dict[str, Any] | None = None,
         overwrite: bool = False,
+        include_eval: bool = False,
     ) -> None:
         for label, value in [("every", every), ("detail_every", detail_every), ("flush_every", flush_every),
                              ("sample_size", sample_size), ("bins", bins)]:
@@ -126,20 +87,20 @@ class Tracer:
         self.model, self.path, self.run, self.optimizer = model, os.fspath(path), run, optimizer
         self.every, self.detail_every, self.flush_every = every, detail_every, flush_every
         self.sample_size, self.bins, self.overwrite = sample_size, bins, overwrite
+        self.include_eval = include_eval
         self.config = dict(config or {})
-        self._layers = {n: _Layer(n, m, stats.nonlinearity(m)) for n, m in select_layers(model, layers)}
-        owners = {id(layer.module): n for n, layer in self._layers.items()}
-        self._params: list[nn.Parameter] = []
+        self._prev: list[Tensor] | None = None  # the tracked weights before the step's update
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._index = {id(p): i for i, p in enumerate(self._params)}
         self._tracked: list[tuple[str, str, int]] = []  # (layer, attribute, index into _params)
-        for qualified, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            owner, _, attr = qualified.rpartition(".")
-            module = model.get_submodule(owner)
-            if id(module) in owners:
-                self._tracked.append((owners[id(module)], attr, len(self._params)))
-            self._params.append(param)
+        self._layers: dict[str, _Layer] = {}
+        for name, module in select_layers(model, layers):
+            self._add_layer(name, module)
+        # default selection: containers to watch during step 0 (see covshift.layers)
+        self._candidates = functional_candidates(model) if layers is None else []
+        self._called: set[int] | None = set() if self._candidates else None  # ids of modules called in step 0
         self._handles: list[Any] = []
+        self._probes: list[Any] = []
         self._writer: TraceWriter | None = None
         self._run_id = 0
         self._order = itertools.count()
@@ -147,7 +108,6 @@ class Tracer:
         self._logged = Slots()  # values given to log(), with their rows in _log_rows
         self._log_rows: list[tuple[int, str, str, int]] = []  # (step, layer, metric, handle)
         self._paused = False
-        self._prev: list[Tensor] | None = None
         self._step = 0
         self._current = self._new_record()
         self._closed = False
@@ -165,18 +125,45 @@ class Tracer:
         if self._writer is not None:
             raise RuntimeError("this Tracer has already been started")
         settings = {"every": self.every, "detail_every": self.detail_every,
-                    "sample_size": self.sample_size, "bins": self.bins}
+                    "sample_size": self.sample_size, "bins": self.bins, "include_eval": self.include_eval}
         self._writer = TraceWriter(self.path)
         try:
             self._run_id = self._writer.add_run(self.run, {**self.config, "tracer": settings}, self.overwrite)
         except BaseException:
             self._writer.close()
             raise
-        for layer in self._layers.values():
-            hook = partial(self._on_forward, layer)
-            self._handles.append(layer.module.register_forward_hook(hook))
+        for layer in list(self._layers.values()):
+            self._hook(layer)
+        for name, module, children in self._candidates:
+            self._probes.append(module.register_forward_hook(partial(self._on_container, name, children)))
+        if self.optimizer is not None and hasattr(self.optimizer, "register_step_pre_hook"):
+            self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_step))
         self._snapshot()
         return self
+
+    def _add_layer(self, name: str, module: nn.Module) -> _Layer:
+        """Register a layer and track the trainable parameters it holds directly that no
+        earlier layer holds (a tied weight stays with its first owner)."""
+        layer = self._layers[name] = _Layer(name, module, stats.nonlinearity(module))
+        tracked = {i for _, _, i in self._tracked}
+        for attr, param in module.named_parameters(recurse=False):
+            index = self._index.get(id(param))
+            if index is not None and index not in tracked:
+                self._tracked.append((name, attr, index))
+                if self._prev is not None:  # added during a step: its weight before the update
+                    self._prev.append(param.detach().clone())
+        return layer
+
+    def _hook(self, layer: _Layer) -> None:
+        self._handles.append(layer.module.register_forward_hook(partial(self._on_forward, layer)))
+        if layer.kind is not None and layer.kind.of_input:
+            self._handles.append(layer.module.register_forward_pre_hook(partial(self._on_input, layer)))
+
+    def _stop_probing(self) -> None:
+        for handle in self._probes:
+            handle.remove()
+        self._probes.clear()
+        self._called = None
 
     def close(self) -> None:
         """Flush what is recorded, remove every hook and close the file. Safe to call twice."""
@@ -187,6 +174,7 @@ class Tracer:
             self.flush()
             self._writer.update_config(self._run_id, **{**self.config, "steps": self._step})
         finally:
+            self._stop_probing()
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
@@ -204,20 +192,49 @@ class Tracer:
         return self._step % self.every == 0
 
     # hooks (device work only: no host synchronisation) ----------------------------------
+    def _skips(self) -> bool:
+        """Whether a forward now is not recorded."""
+        return (self._closed or self._paused or not self.recording or not torch.is_grad_enabled()
+                or not (self.model.training or self.include_eval))
+
+    def _sample(self, layer: _Layer, flat: Tensor) -> Tensor:
+        if flat.numel() not in layer.indices:
+            layer.indices[flat.numel()] = stats.sample_indices(flat.numel(), self.sample_size, flat.device)
+        return stats.take_sample(flat, layer.indices[flat.numel()])
+
+    def _on_input(self, layer: _Layer, module: nn.Module, args: Any) -> None:
+        x = first_tensor(args)
+        layer.input_sample = None if self._skips() or x is None else self._sample(layer, stats.flat_float(x))
+
+    def _on_container(self, name: str, children: list[nn.Module], module: nn.Module, args: Any, output: Any) -> None:
+        """Step 0, default selection: make ``module`` a layer when it did not call one of
+        its parameter-holding leaf children, and record this call."""
+        if self._called is None or name in self._layers or not calls_children_functionally(children, self._called):
+            return
+        layer = self._add_layer(name, module)
+        self._hook(layer)
+        self._on_forward(layer, module, args, output)
+
     def _on_forward(self, layer: _Layer, module: nn.Module, args: Any, output: Any) -> None:
-        if self._closed or self._paused or not self.recording or not torch.is_grad_enabled():
+        if layer.position is None:  # the first call, whatever its mode: forward order
+            layer.position = next(self._order)
+        if self._called is not None:
+            self._called.add(id(module))
+        x_sample, layer.input_sample = layer.input_sample, None
+        if self._skips():
             return
         y = first_tensor(output)
         if y is None or y.numel() == 0:
             return
         rec = self._current
         entry = rec.entry(layer.name)
+        entry.calls += 1
         put = rec.slots.put
         flat = stats.flat_float(y)
-        if flat.numel() not in layer.indices:
-            layer.indices[flat.numel()] = stats.sample_indices(flat.numel(), self.sample_size, flat.device)
-        sample = stats.take_sample(flat, layer.indices[flat.numel()])
+        sample = self._sample(layer, flat)
         entry.samples.append(put(sample, raw=True))
+        if x_sample is not None and x_sample.shape == sample.shape:
+            entry.inputs.append(put(x_sample, raw=True))
         entry.moments.append((flat.numel(), put(stats.moments(flat, sample.mean(), self._scratch_for(flat)))))
         if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
             entry.maxima.append(put(stats.unit_max(y)))
@@ -226,8 +243,6 @@ class Tracer:
             entry.unit_counts.append(y.numel() // y.shape[1])
         if y.requires_grad:
             y.register_hook(partial(self._on_grad, layer.name))
-        if layer.position is None:
-            layer.position = next(self._order)
 
     def _scratch_for(self, flat: Tensor) -> Tensor:
         """A buffer for ``flat``'s shifted values: one per dtype and device, as large as the
@@ -260,6 +275,7 @@ class Tracer:
             self._record_scalars(rec, loss)
             self._pending.append(rec)
         self._step += 1
+        self._stop_probing()
         self._current = self._new_record()
         if self.recording:
             self._snapshot()
@@ -288,8 +304,19 @@ class Tracer:
     def _record_scalars(self, rec: StepRecord, loss: Tensor | float | None) -> None:
         if isinstance(loss, Tensor) and loss.numel() != 1:
             raise ValueError(f"loss must be a single value, got a tensor of shape {tuple(loss.shape)}")
-        lr = self.optimizer.param_groups[0].get("lr") if self.optimizer and self.optimizer.param_groups else None
-        rec.loss, rec.lr = (None if v is None else rec.slots.put(_scalar(v)) for v in (loss, lr))
+        rec.loss = None if loss is None else rec.slots.put(_scalar(loss))
+        if self.optimizer is not None and not hasattr(self.optimizer, "register_step_pre_hook"):
+            self._record_lrs(rec)  # an optimizer without step hooks: its lr at the step's end
+
+    def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Before ``optimizer.step()``: the learning rates this update uses (a scheduler
+        stepped after it changes them for the next step only)."""
+        if not self._closed and self.recording:
+            self._record_lrs(self._current)
+
+    def _record_lrs(self, rec: StepRecord) -> None:
+        groups = getattr(self.optimizer, "param_groups", [])
+        rec.lrs = [(i, rec.slots.put(_scalar(g["lr"]))) for i, g in enumerate(groups) if "lr" in g]
 
     def _snapshot(self) -> None:
         """Keep the tracked weights as they are before the next optimizer step."""
@@ -340,12 +367,11 @@ class Tracer:
             first = next((x for x in ranges if x is not None), None)
             if layer.edges is None and first is not None:
                 layer.edges = stats.hist_edges(*first, layer.kind, self.bins)
-        kinds = {n: layer.kind is not None for n, layer in self._layers.items()}
         edges = {n: layer.edges for n, layer in self._layers.items()}
         scalars = [(step, layer, name, float(logged.get(h)[0])) for step, layer, name, h in rows]
         units, hists = [], []
         for r in records:
-            scalars += [(r.step, layer, metric, value) for layer, metric, value in r.rows(kinds)]
+            scalars += [(r.step, layer, metric, value) for layer, metric, value in r.rows()]
             units += [(r.step, *row) for row in r.unit_rows()]
             hists += [(r.step, *row) for row in r.hist_rows(edges)]
         self._write_layers({row[1] for row in scalars} - {""})

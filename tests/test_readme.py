@@ -30,7 +30,7 @@ def test_every_metric_is_documented():
 
 def test_every_nonlinearity_is_in_the_table():
     modules = [nn.Sigmoid(), nn.Tanh(), nn.Softsign(), nn.Hardtanh(), nn.ReLU(), nn.ReLU6(),
-               nn.LeakyReLU(), nn.ELU(), nn.Softplus()]
+               nn.LeakyReLU(), nn.ELU(), nn.Softplus(), nn.GELU(), nn.SiLU()]
     for module in modules:
         assert stats.nonlinearity(module) is not None
         assert f"| `nn.{type(module).__name__}" in README, type(module).__name__

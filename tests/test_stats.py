@@ -44,9 +44,9 @@ def finished(flat: torch.Tensor, shift: torch.Tensor | None = None,
     return mean, m2 / flat.numel(), lo, hi
 
 
-def sample_stats(sample, kind) -> np.ndarray:
+def sample_stats(sample, kind, inputs=None) -> np.ndarray:
     """stats.sample_stats as a float64 numpy array (whether it returns a tensor or an array)."""
-    out = stats.sample_stats(sample, kind)
+    out = stats.sample_stats(sample, kind, inputs)
     if isinstance(out, torch.Tensor):
         out = out.detach().cpu().double().numpy()
     return np.asarray(out, dtype=np.float64)
@@ -460,7 +460,27 @@ def test_glorot_bengio_sigmoid_near_003():
     assert 0.10 < out[4] < 0.13
 
 
-@pytest.mark.parametrize("module", [nn.Linear(2, 2), nn.GELU(), nn.SiLU(), nn.Identity()], ids=lambda m: type(m).__name__)
+INPUT_NONLINEARITIES = [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()]
+
+
+@pytest.mark.parametrize("module", INPUT_NONLINEARITIES, ids=lambda m: repr(m))
+def test_gelu_and_silu_saturation_and_gain_from_the_input_match_autograd(module):
+    """g = f'(x) / max f' by autograd (the max on a 1e-4 grid); saturation counts |g| < 0.1."""
+    x = 2.0 * torch.randn(3000, generator=gen(17), dtype=torch.float64)
+    kind = stats.nonlinearity(module)
+    assert kind.of_input and kind.low is None and not kind.relu_family
+    top = reference_derivative(module, torch.linspace(-10, 10, 200_001, dtype=torch.float64)).max()
+    deriv_rel = reference_derivative(module, x) / top
+    assert deriv_rel.min() < 0  # GELU and SiLU dip below zero: saturation is on |g|
+    out = sample_stats(module(x), kind, x.numpy())
+    assert abs(out[3] - (np.abs(deriv_rel) < 0.1).mean()) <= 1e-9
+    assert abs(out[4] - deriv_rel.mean()) <= 1e-9
+    assert 0.0 < out[3] < 1.0
+    without = sample_stats(module(x), kind)  # no input sample: not computed
+    assert math.isnan(without[3]) and math.isnan(without[4])
+
+
+@pytest.mark.parametrize("module", [nn.Linear(2, 2), nn.Mish(), nn.Hardswish(), nn.Identity()], ids=lambda m: type(m).__name__)
 def test_unknown_nonlinearity_gives_nan(module):
     assert stats.nonlinearity(module) is None
     x = torch.randn(500, generator=gen(16))
@@ -674,13 +694,13 @@ def test_unit_max_matches_numpy(shape):
 def test_metric_names():
     assert set(stats.LAYER_METRICS) == {
         "mean", "var", "std", "min", "max", "p15", "p50", "p85",
-        "saturation", "gain", "dead", "nonfinite", "grad_norm", "grad_rms", "unit_count",
+        "saturation", "gain", "calls", "dead", "nonfinite", "grad_norm", "grad_rms", "unit_count",
     }
-    assert len(stats.LAYER_METRICS) == 15
+    assert len(stats.LAYER_METRICS) == 16
     assert set(stats.PARAM_METRICS) == {"grad_norm", "norm", "update_ratio"}
     assert len(stats.PARAM_METRICS) == 3
-    assert set(stats.RUN_METRICS) == {"loss", "lr", "grad_norm"}
-    assert len(stats.RUN_METRICS) == 3
+    assert set(stats.RUN_METRICS) == {"loss", "lr", "lr.<i>", "grad_norm"}
+    assert len(stats.RUN_METRICS) == 4
     assert stats.SAMPLE_FIELDS == ("p15", "p50", "p85", "saturation", "gain", "nonfinite")
     assert all(isinstance(v, str) and v for d in (stats.LAYER_METRICS, stats.PARAM_METRICS, stats.RUN_METRICS)
                for v in d.values())
