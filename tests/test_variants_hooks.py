@@ -49,12 +49,12 @@ def bn_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, _BatchNorm)}
 
 
-def assert_same_original_calls(bn: nn.Module, nobn: nn.Module, *args) -> None:
+def assert_same_original_calls(bn: nn.Module, nobn: nn.Module, *args, **kwargs) -> None:
     """The bn variant calls every module the nobn one calls, as often, plus only its `_bn`s."""
     torch.manual_seed(0)
-    in_bn = called_modules(bn, *args)
+    in_bn = called_modules(bn, *args, **kwargs)
     torch.manual_seed(0)
-    in_nobn = called_modules(nobn, *args)
+    in_nobn = called_modules(nobn, *args, **kwargs)
     assert [n for n in in_bn if not n.endswith("_bn")] == in_nobn
     assert sorted(n for n in in_bn if n.endswith("_bn")) == sorted(bn_layers(bn))
 
