@@ -490,7 +490,7 @@ def test_percentiles_figure_is_ioffe_figure_1(tmp_path):
         rows = []
         for pos, (name, kind, nl) in enumerate(layers):
             writer.add_layer(rid, name, kind, nl, pos, None)
-            values = np.sort(rng.normal(pos, 1.0, (20, 3)), axis=1)
+            values = np.sort(rng.normal(pos, 1.0, (20, 3)), axis=1).astype(np.float32).astype(float)  # as stored
             recorded[(variant, name)] = values
             rows += [(s, name, q, float(values[s, i])) for s in range(20) for i, q in enumerate(("p15", "p50", "p85"))]
         writer.write(rid, rows, [], [])

@@ -175,7 +175,7 @@ def test_remove_runs(tmp_path):
         for frame in (trace.scalars(), trace.units(), trace.histograms(), trace.layer_info()):
             assert len(frame) and set(frame["run"]) == {"b"}
     with sqlite3.connect(path) as conn:
-        for table in ("scalars", "units", "histograms", "layers"):
+        for table in ("series", "units", "histograms", "layers"):
             orphans = conn.execute(f"SELECT COUNT(*) FROM {table} WHERE run_id NOT IN (SELECT id FROM runs)")
             assert orphans.fetchone()[0] == 0, table
 

@@ -130,7 +130,7 @@ def _histograms(h: pd.DataFrame | None) -> dict[int, tuple[np.ndarray, np.ndarra
         return {}
     h = h[~(np.isinf(h["left"].to_numpy()) & np.isinf(h["right"].to_numpy()))]
     return {int(step): (_centres(g["left"].to_numpy(dtype=float), g["right"].to_numpy(dtype=float)),
-                        g["count"].to_numpy(dtype=float)) for step, g in h.groupby("step")}
+                        g["count"].to_numpy(dtype=float)) for step, g in h.groupby("step", observed=True)}
 
 
 def _at(layer_frame: pd.DataFrame, metric: str) -> dict[tuple[str, str, int], float]:
@@ -143,8 +143,8 @@ def table(units: pd.DataFrame, hists: pd.DataFrame, layer_frame: pd.DataFrame,
           info: pd.DataFrame) -> pd.DataFrame:
     """One row per run, layer and detail step after the layer's first (:data:`SHIFT_COLUMNS`)."""
     std_at, count_at = _at(layer_frame, "std"), _at(layer_frame, "unit_count")
-    unit_groups = {key: g for key, g in units.groupby(["run", "layer"], sort=False)}
-    hist_groups = {key: g for key, g in hists.groupby(["run", "layer"], sort=False)}
+    unit_groups = {key: g for key, g in units.groupby(["run", "layer"], sort=False, observed=True)}
+    hist_groups = {key: g for key, g in hists.groupby(["run", "layer"], sort=False, observed=True)}
     rows = []
     for run, layer in zip(info["run"], info["layer"]):
         stats = _unit_stats(unit_groups.get((run, layer)))

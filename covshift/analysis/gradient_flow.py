@@ -88,7 +88,7 @@ def table(layer_frame: pd.DataFrame, info: pd.DataFrame) -> pd.DataFrame:
         if len(weighted) < 2:
             continue
         first, last = weighted[0], weighted[-1]
-        wide = r[r["layer"].isin([first, last])].groupby(["step", "layer"])["value"].last().unstack("layer")
+        wide = r[r["layer"].isin([first, last])].groupby(["step", "layer"], observed=True)["value"].last().unstack("layer")
         wide = wide.reindex(columns=[first, last]).dropna()
         if wide.empty:
             continue

@@ -55,9 +55,9 @@ def _finite_series(groups: dict, key: tuple[str, str]) -> tuple[np.ndarray, np.n
 
 def table(layer_frame: pd.DataFrame, info: pd.DataFrame, units: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per run and layer with a ``saturation`` or ``dead`` metric (columns :data:`COLUMNS`)."""
-    groups = {m: {k: g for k, g in layer_frame[layer_frame["metric"] == m].groupby(["run", "layer"])}
+    groups = {m: {k: g for k, g in layer_frame[layer_frame["metric"] == m].groupby(["run", "layer"], observed=True)}
               for m in ("saturation", "gain", "dead")}
-    counts = units.groupby(["run", "layer"])["unit"].nunique() if units is not None and len(units) else {}
+    counts = units.groupby(["run", "layer"], observed=True)["unit"].nunique() if units is not None and len(units) else {}
     rows = []
     for _, meta in info.iterrows():
         key = (meta["run"], meta["layer"])

@@ -130,7 +130,7 @@ def median_initial(runs: pd.DataFrame) -> float:
 
 def _classify(runs: pd.DataFrame) -> pd.Series:
     """Each run's outcome, its group being the non-diverged runs of its seed and init scale."""
-    ok = runs[~runs["diverged"]].groupby(["seed", "init_scale"])
+    ok = runs[~runs["diverged"]].groupby(["seed", "init_scale"], observed=True)
     best = pd.DataFrame({"best_removed": ok["loss_removed"].max(), "best_accuracy": ok["final_accuracy"].max()})
     r = runs.join(best, on=["seed", "init_scale"])
     return pd.Series([outcomes.classify(bool(x.diverged), x.loss_removed, x.final_accuracy, x.chance,
@@ -141,7 +141,7 @@ def _within_tolerance(runs: pd.DataFrame) -> pd.Series:
     """Trained, and within tolerance of the best trained run of its variant, seed and init scale."""
     metric = metric_of(runs)
     key = ["variant", "seed", "init_scale"]
-    best = best_of(runs[runs["trains"]].groupby(key)[metric], metric).rename("best")
+    best = best_of(runs[runs["trains"]].groupby(key, observed=True)[metric], metric).rename("best")
     return runs["trains"] & within(runs[metric], runs.join(best, on=key)["best"], metric)
 
 
@@ -156,9 +156,9 @@ def sweep_runs(trace: Trace) -> pd.DataFrame:
     layer_frame = layer_frame[layer_frame["layer"] != ""]
     info = trace.layer_info()
     flow = gradient_flow.table(layer_frame, info[info["run"].isin(names)])
-    ratios = flow.groupby("run")["ratio"].median()
+    ratios = flow.groupby("run", observed=True)["ratio"].median()
     finite = np.isfinite(layer_frame["value"].to_numpy(dtype=float))
-    saturation = layer_frame[(layer_frame["metric"] == "saturation") & finite].groupby("run")["value"].mean()
+    saturation = layer_frame[(layer_frame["metric"] == "saturation") & finite].groupby("run", observed=True)["value"].mean()
     rows, curves = [], {}
     for run in names:
         c = configs[run]
@@ -227,7 +227,7 @@ def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
     columns = by + ["runs", "diverged", "trains", "within", "reached"] + [
         f"{m}{s}" for m in METRICS for s in ("", "_min", "_max")]
     rows = []
-    for keys, g in runs.groupby(by, sort=True):
+    for keys, g in runs.groupby(by, sort=True, observed=True):
         ok = g[~g["diverged"].astype(bool)]
         row: dict[str, Any] = dict(zip(by, keys))
         row.update(runs=len(g), diverged=int(g["diverged"].sum()), trains=int(g["trains"].sum()),
@@ -243,7 +243,7 @@ def aggregate(runs: pd.DataFrame, by: list[str]) -> pd.DataFrame:
 def usable(runs: pd.DataFrame, scale: float, metric: str) -> pd.DataFrame:
     """Per variant and seed at init scale ``scale``: the usable lr and what decided it (SEED_COLUMNS)."""
     rows = []
-    for (variant, seed), g in runs[runs["init_scale"] == scale].groupby(["variant", "seed"], sort=True):
+    for (variant, seed), g in runs[runs["init_scale"] == scale].groupby(["variant", "seed"], sort=True, observed=True):
         good = g.loc[g["within_tolerance"], "lr"]
         best = best_of(g.loc[g["trains"], metric], metric)
         rows.append({"variant": variant, "seed": int(seed), "lrs": g["lr"].nunique(), "trained": int(g["trains"].sum()),
@@ -260,7 +260,7 @@ def init_spreads(runs: pd.DataFrame, lr: float, metric: str) -> pd.DataFrame:
     """Per seed at learning rate ``lr``: the init scales each variant trained at and the spreads (INIT_COLUMNS)."""
     at = runs[runs["lr"] == lr]
     rows = []
-    for seed, g in at.groupby("seed", sort=True):
+    for seed, g in at.groupby("seed", sort=True, observed=True):
         if not set(VARIANTS) <= set(g["variant"]):
             continue
         wide = g.set_index(["init_scale", "variant"])[["trains", metric]].unstack("variant")
@@ -275,7 +275,7 @@ def init_spreads(runs: pd.DataFrame, lr: float, metric: str) -> pd.DataFrame:
 def summaries(by_seed: pd.DataFrame) -> pd.DataFrame:
     """Per variant: the smallest and largest per-seed usable lr (NaN smallest when a seed has none)."""
     rows = [{"variant": v, "usable_lr": float(g["usable_lr"].min(skipna=False)), "usable_lr_max": g["usable_lr"].max()}
-            for v, g in by_seed.groupby("variant", sort=True)]
+            for v, g in by_seed.groupby("variant", sort=True, observed=True)]
     return pd.DataFrame(rows, columns=["variant", "usable_lr", "usable_lr_max"])
 
 

@@ -69,7 +69,7 @@ def covariate_shift(trace: Trace, shift: pd.DataFrame | None) -> Figure:
                 ax.plot(rows["step"], style.finite(rows[metric].to_numpy(dtype=float)), "o-", color=color,
                         ms=2.5, lw=1.2, label=style.literal(name))
             if metric == "w2_prev" and "baseline" in mine.columns:
-                noise = mine[mine["layer"].isin(layers)].groupby("step")["baseline"].mean().dropna()
+                noise = mine[mine["layer"].isin(layers)].groupby("step", observed=True)["baseline"].mean().dropna()
                 if len(noise):
                     ax.plot(noise.index, noise.to_numpy(), "--", color="0.45", lw=1.0, label="sampling noise")
                     noisy = True
@@ -113,7 +113,7 @@ def histograms(trace: Trace, layer: str | None = None) -> Figure:
         picks = {r: style.pick_layers(info, r, fractions, have[r]) for r in runs}
     rows = len(next(iter(picks.values()), [None]))
     panels: dict[tuple[str, str], tuple[np.ndarray, np.ndarray | None, np.ndarray, float]] = {}
-    for (run, name), frame in hists.groupby(["run", "layer"], sort=False):
+    for (run, name), frame in hists.groupby(["run", "layer"], sort=False, observed=True):
         if name not in picks.get(run, []):
             continue
         counts = frame.pivot_table(index="step", columns="bin", values="count", aggfunc="sum").fillna(0)

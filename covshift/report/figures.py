@@ -48,7 +48,7 @@ def _wide(frame: pd.DataFrame) -> pd.DataFrame:
     """Tidy scalars to one row per (layer, step) and one column per metric."""
     if frame.empty:
         return pd.DataFrame()
-    return frame.groupby(["layer", "step", "metric"])["value"].last().unstack("metric")
+    return frame.groupby(["layer", "step", "metric"], observed=True)["value"].last().unstack("metric")
 
 
 def _diverged_at(trace: Trace, run: str, steps: np.ndarray, loss: np.ndarray) -> int | None:
@@ -325,7 +325,7 @@ def gradient_flow(trace: Trace) -> Figure:
         if frame.empty:
             grids.append((run, [], np.array([]), np.empty((0, 0))))
             continue
-        table = frame.groupby(["layer", "step"])["value"].last().unstack("step")
+        table = frame.groupby(["layer", "step"], observed=True)["value"].last().unstack("step")
         layers = style.ordered_layers(info, run, set(table.index))
         table = table.reindex(layers)
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -113,7 +113,7 @@ def _usable_marks(sa: SweepAnalysis) -> Marks:
             return []
         ax = axes[sa.metric]
         mark = blended_transform_factory(ax.transData, ax.transAxes)
-        for k, (v, rows) in enumerate(t.groupby("variant", sort=True)):
+        for k, (v, rows) in enumerate(t.groupby("variant", sort=True, observed=True)):
             for value in sorted(set(rows["limit"].dropna())):
                 ax.axhline(value, color=colors.get(v, "0.3"), ls="--", lw=1, alpha=0.8)
             lrs = rows["usable_lr"].dropna()

@@ -1,0 +1,62 @@
+"""Column chunks: a series' steps and values as compact arrays.
+
+Steps that are evenly spaced (every step, or every N) are stored as ``first``, ``count``
+and ``stride`` alone; others as an int64 array. Layer metrics are stored as float32 (a
+relative precision of 6e-8, finer than the float32 statistics they come from); run metrics
+(loss, learning rates, validation) and the per-unit means and variances of detail steps
+(they are few, and the covariate-shift measures difference them) as float64. Histogram
+counts are int32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LAYER_DTYPE = "<f4"
+RUN_DTYPE = "<f8"
+UNIT_DTYPE = "<f8"
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One stored chunk of a series, as the ``series`` table holds it."""
+
+    first: int
+    count: int
+    stride: int | None  # the spacing of evenly spaced steps, else None and ``steps`` is set
+    steps: bytes | None
+    dtype: str
+    vals: bytes
+
+
+def encode(steps: np.ndarray, values: np.ndarray, dtype: str) -> Chunk:
+    """A chunk of ``values`` at ``steps`` (sorted by step, ties kept in order)."""
+    order = np.argsort(steps, kind="stable")
+    steps = np.asarray(steps, dtype=np.int64)[order]
+    values = np.asarray(values, dtype=np.float64)[order]
+    first, count = int(steps[0]), len(steps)
+    gaps = np.diff(steps)
+    stride = int(gaps[0]) if count > 1 else 1
+    if count > 1 and not (stride > 0 and np.all(gaps == stride)):
+        return Chunk(first, count, None, steps.astype("<i8").tobytes(), dtype, values.astype(dtype).tobytes())
+    return Chunk(first, count, stride, None, dtype, values.astype(dtype).tobytes())
+
+
+def decode_steps(first: int, count: int, stride: int | None, steps: bytes | None) -> np.ndarray:
+    if steps is not None:
+        return np.frombuffer(steps, dtype="<i8").astype(np.int64)
+    return first + (stride or 1) * np.arange(count, dtype=np.int64)
+
+
+def decode_values(dtype: str, vals: bytes) -> np.ndarray:
+    return np.frombuffer(vals, dtype=dtype).astype(np.float64)
+
+
+def pack(values: np.ndarray, dtype: str) -> bytes:
+    return np.asarray(values).astype(dtype).tobytes()
+
+
+def unpack(blob: bytes, dtype: str) -> np.ndarray:
+    return np.frombuffer(blob, dtype=dtype)

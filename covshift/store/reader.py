@@ -1,0 +1,279 @@
+"""Reading a trace file: tidy DataFrames and single series, from column chunks.
+
+A filtered read looks up only the chunks it returns (the chunks of a series are adjacent
+in the file). Each read is one short transaction, so a live trace can be read while a
+Tracer writes it; the writer never waits for a reader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from . import chunks
+from .schema import RUN_LAYER, TraceError, check_identity, inspect_file, quick_check, read_uri
+
+_MAX_PARAMS = 900  # stay below SQLite's oldest limit on bound parameters
+
+
+def load(path: str | os.PathLike[str]) -> Trace:
+    """Open a trace file for reading; raises :class:`TraceError` when it cannot."""
+    return Trace(path)
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    """A read-only connection; ``immutable`` where the folder does not allow the -shm file
+    a WAL reader needs (a trace with no writer and no -wal file)."""
+    try:
+        conn = sqlite3.connect(read_uri(path), uri=True)
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError as e:
+        if os.path.exists(path + "-wal"):
+            raise TraceError(f"cannot open {path} ({e})") from None
+        try:
+            conn = sqlite3.connect(read_uri(path, immutable=True), uri=True)
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.Error:
+            raise TraceError(f"cannot open {path} ({e})") from None
+    except sqlite3.DatabaseError as e:
+        raise TraceError(f"{path} is corrupt ({e})") from None
+
+
+def _names(values: Any) -> list[str] | None:
+    return None if values is None else [values] if isinstance(values, str) else list(values)
+
+
+def _categorical(codes: np.ndarray, names: list[str]) -> pd.Categorical:
+    """A categorical of the names that occur, in the order of ``names``."""
+    used = np.unique(codes)
+    remap = np.zeros(len(names), dtype=np.int32)
+    remap[used] = np.arange(len(used))
+    return pd.Categorical.from_codes(remap[codes], [names[i] for i in used])
+
+
+class Trace:
+    """A trace file opened read-only. Table methods return tidy DataFrames whose ``run``,
+    ``layer`` and ``metric`` columns are pandas categoricals; :meth:`series` returns arrays."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        if not os.path.isfile(self.path):
+            raise TraceError(f"no trace file at {self.path}")
+        inspect_file(self.path)
+        self._conn = _connect(self.path)
+        try:
+            check_identity(self._conn, self.path)
+            quick_check(self._conn, self.path)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def __enter__(self) -> Trace:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        try:
+            return self._conn.execute(sql, list(params)).fetchall()
+        except sqlite3.DatabaseError as e:
+            raise TraceError(f"cannot read {self.path} ({e})") from None
+
+    # small tables ------------------------------------------------------------------------
+    @property
+    def runs(self) -> list[str]:
+        """Run names, in the order they were added."""
+        return [name for (name,) in self._rows("SELECT name FROM runs ORDER BY id")]
+
+    @property
+    def layers(self) -> list[str]:
+        """Layer names in forward order (across runs: first run first, then new names)."""
+        return list(dict.fromkeys(n for (n,) in self._rows("SELECT name FROM layers ORDER BY run_id, position")))
+
+    def layer_info(self) -> pd.DataFrame:
+        """One row per run and layer: ``run, layer, type, nonlinearity, position``."""
+        rows = self._rows("SELECT r.name, l.name, l.type, l.nonlinearity, l.position FROM layers l "
+                          "JOIN runs r ON r.id = l.run_id ORDER BY r.id, l.position")
+        return pd.DataFrame(rows, columns=["run", "layer", "type", "nonlinearity", "position"])
+
+    def config(self, run: str) -> dict[str, Any]:
+        """The settings a run was recorded with, including ``steps`` once it closed and
+        ``saved_steps``, the ranges ``[first, last]`` of steps written to the file."""
+        rows = self._rows("SELECT config FROM runs WHERE name = ?", [run])
+        if not rows:
+            raise KeyError(f"no run {run!r} in {self.path}; runs: {', '.join(self.runs) or 'none'}")
+        return json.loads(rows[0][0])
+
+    def _selection(self, run: Any, layer: Any) -> tuple[dict[int, int], dict[tuple[int, int], tuple[str, int]]]:
+        """``{run id: rank}`` of the selected runs and ``{(run id, layer id): (name,
+        position)}`` of their selected layers, the run itself as layer ``""``."""
+        runs, layers = _names(run), _names(layer)
+        ids = [i for i, name in self._rows("SELECT id, name FROM runs ORDER BY id") if runs is None or name in runs]
+        ranks = {i: k for k, i in enumerate(ids)}
+        chosen = {(rid, RUN_LAYER): ("", -1) for rid in ranks if layers is None or "" in layers}
+        for lid, rid, name, pos in self._rows("SELECT id, run_id, name, position FROM layers"):
+            if rid in ranks and (layers is None or name in layers):
+                chosen[(rid, lid)] = (name, pos)
+        return ranks, chosen
+
+    def _metric_ids(self, metric: Any) -> dict[int, str]:
+        names = _names(metric)
+        return {i: n for i, n in self._rows("SELECT id, name FROM metrics") if names is None or n in names}
+
+    def _chunks(self, table: str, columns: str, ranks: dict[int, int], layers: Sequence[int],
+                metrics: Sequence[int] | None = None) -> list[tuple[Any, ...]]:
+        clauses, params = [], []
+        for column, ids in (("run_id", list(ranks)), ("layer_id", sorted(set(layers))), ("metric_id", metrics)):
+            if ids is not None and len(ids) <= _MAX_PARAMS:
+                clauses.append(f"{column} IN ({', '.join('?' * len(ids))})")
+                params += list(ids)
+        where = " WHERE " + " AND ".join(clauses) if clauses else ""
+        return self._rows(f"SELECT run_id, layer_id, {columns} FROM {table}{where}", params)
+
+    # per-step values ---------------------------------------------------------------------
+    def scalars(self, run: Any = None, layer: Any = None, metric: Any = None) -> pd.DataFrame:
+        """Per-step values: ``run, step, layer, metric, value``, ordered by run, step, layer
+        (forward order) and metric (run metrics have layer ""). Each filter takes a name or
+        a list of names.
+
+        >>> trace.scalars(run="bn", metric=["mean", "std"])  # doctest: +SKIP
+        """
+        ranks, chosen = self._selection(run, layer)
+        metric_names = self._metric_ids(metric)
+        rows = [r for r in self._chunks("series", "metric_id, first, count, stride, steps, dtype, vals", ranks,
+                                        [lid for _, lid in chosen], list(metric_names))
+                if (r[0], r[1]) in chosen and r[2] in metric_names]
+        columns = ["run", "step", "layer", "metric", "value"]
+        if not rows:
+            return pd.DataFrame({c: pd.Series(dtype=float if c == "value" else int if c == "step" else object)
+                                 for c in columns})
+        counts = np.fromiter((r[4] for r in rows), np.int64, len(rows))
+        steps, values = _decode(rows, counts)
+        layer_names = list(dict.fromkeys(name for name, _ in chosen.values()))
+        layer_code = {name: k for k, name in enumerate(layer_names)}
+        run_names = dict(self._rows("SELECT id, name FROM runs"))
+        run_list = [run_names[i] for i in ranks]
+        metric_list = list(metric_names.values())
+        metric_code = {i: k for k, i in enumerate(metric_names)}
+        per_chunk = np.array([(ranks[r[0]], layer_code[chosen[(r[0], r[1])][0]], metric_code[r[2]],
+                               chosen[(r[0], r[1])][1] + 1, r[2]) for r in rows], dtype=np.int64)
+        run_c, layer_c, metric_c, pos, mid = (np.repeat(per_chunk[:, k], counts) for k in range(5))
+        order = _order(run_c, steps, pos, mid)
+        if order is not None:
+            run_c, steps, layer_c, metric_c, values = (a[order] for a in (run_c, steps, layer_c, metric_c, values))
+        return pd.DataFrame({"run": _categorical(run_c, run_list), "step": steps,
+                             "layer": _categorical(layer_c, layer_names),
+                             "metric": _categorical(metric_c, metric_list), "value": values}, copy=False)
+
+    def series(self, run: str, layer: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """One metric of one layer (``""``: the run) of one run as ``(steps, values)`` arrays
+        sorted by step; empty arrays when it was never recorded.
+
+        >>> steps, loss = trace.series("bn", "", "loss")  # doctest: +SKIP
+        """
+        ranks, chosen = self._selection(run, layer)
+        metric_ids = list(self._metric_ids(metric))
+        if not ranks:
+            raise KeyError(f"no run {run!r} in {self.path}; runs: {', '.join(self.runs) or 'none'}")
+        rows = [] if not chosen or not metric_ids else self._chunks(
+            "series", "metric_id, first, count, stride, steps, dtype, vals", ranks, [lid for _, lid in chosen],
+            metric_ids)
+        if not rows:
+            return np.empty(0, dtype=np.int64), np.empty(0)
+        steps, values = _decode(rows, np.fromiter((r[4] for r in rows), np.int64, len(rows)))
+        order = np.argsort(steps, kind="stable")
+        return steps[order], values[order]
+
+    # detail steps ------------------------------------------------------------------------
+    def units(self, run: Any = None, layer: Any = None) -> pd.DataFrame:
+        """Per-unit (per-channel) statistics at detail steps: ``run, step, layer, unit, mean, var``."""
+        ranks, chosen = self._selection(run, layer)
+        rows = self._blocks("units", "step, mean, var", ranks, chosen)
+        means = [chunks.unpack(r[3], chunks.UNIT_DTYPE) for r in rows]
+        sizes = np.array([len(m) for m in means], dtype=np.int64)
+        frame = self._block_frame(rows, chosen, ranks, sizes)
+        frame["unit"] = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        frame["mean"] = np.concatenate(means).astype(np.float64) if rows else np.empty(0)
+        frame["var"] = (np.concatenate([chunks.unpack(r[4], chunks.UNIT_DTYPE) for r in rows]).astype(np.float64)
+                        if rows else np.empty(0))
+        return frame
+
+    def histograms(self, run: Any = None, layer: Any = None) -> pd.DataFrame:
+        """Histograms at detail steps: ``run, step, layer, bin, left, right, count``. Bin 0
+        counts values below the first edge (left = -inf), the last bin those above the last."""
+        ranks, chosen = self._selection(run, layer)
+        rows = self._blocks("histograms", "step, counts", ranks, chosen)
+        counts = [chunks.unpack(r[3], "<i4") for r in rows]
+        sizes = np.array([len(c) for c in counts], dtype=np.int64)
+        frame = self._block_frame(rows, chosen, ranks, sizes)
+        bins = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        edges = {lid: np.concatenate([[-np.inf], chunks.unpack(blob, "<f8") if blob else [], [np.inf]])
+                 for lid, blob in self._rows("SELECT id, edges FROM layers")}
+        full = [edges[r[1]] for r in rows]
+        frame["bin"] = bins
+        frame["left"] = np.concatenate([e[:n] for e, n in zip(full, sizes)]) if rows else np.empty(0)
+        frame["right"] = np.concatenate([e[1:n + 1] for e, n in zip(full, sizes)]) if rows else np.empty(0)
+        frame["count"] = np.concatenate(counts).astype(np.int64) if rows else np.empty(0, dtype=np.int64)
+        return frame
+
+    def _blocks(self, table: str, columns: str, ranks: dict[int, int],
+                chosen: dict[tuple[int, int], tuple[str, int]]) -> list[tuple[Any, ...]]:
+        """A detail table's rows of the selected layers, ordered by run, step and position."""
+        rows = [r for r in self._chunks(table, columns, ranks, [lid for _, lid in chosen]) if (r[0], r[1]) in chosen]
+        return sorted(rows, key=lambda r: (ranks[r[0]], r[2], chosen[(r[0], r[1])][1]))
+
+    def _block_frame(self, rows: list[tuple[Any, ...]], chosen: dict[tuple[int, int], tuple[str, int]],
+                     ranks: dict[int, int], sizes: np.ndarray) -> pd.DataFrame:
+        run_names = dict(self._rows("SELECT id, name FROM runs"))
+        run_list = [run_names[i] for i in ranks]
+        layer_names = list(dict.fromkeys(name for name, _ in chosen.values()))
+        code = {name: k for k, name in enumerate(layer_names)}
+        run_c = np.repeat(np.array([ranks[r[0]] for r in rows], dtype=np.int64), sizes)
+        layer_c = np.repeat(np.array([code[chosen[(r[0], r[1])][0]] for r in rows], dtype=np.int64), sizes)
+        steps = np.repeat(np.array([r[2] for r in rows], dtype=np.int64), sizes)
+        return pd.DataFrame({"run": _categorical(run_c, run_list), "step": steps,
+                             "layer": _categorical(layer_c, layer_names)}, copy=False)
+
+
+def _decode(rows: list[tuple[Any, ...]], counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and float64 values of chunk rows ``(run, layer, metric, first, count, stride,
+    steps, dtype, vals)``, concatenated in row order."""
+    starts = np.cumsum(counts) - counts
+    firsts = np.fromiter((r[3] for r in rows), np.int64, len(rows))
+    strides = np.fromiter((r[5] or 1 for r in rows), np.int64, len(rows))
+    offset = np.arange(counts.sum(), dtype=np.int64) - np.repeat(starts, counts)
+    steps = np.repeat(firsts, counts) + np.repeat(strides, counts) * offset
+    for k, r in enumerate(rows):
+        if r[6] is not None:
+            steps[starts[k]:starts[k] + counts[k]] = chunks.decode_steps(r[3], r[4], r[5], r[6])
+    values = np.empty(len(steps))
+    dtypes = [r[7] for r in rows]
+    for dtype in set(dtypes):
+        mine = np.array([d == dtype for d in dtypes])
+        joined = b"".join(r[8] for r, m in zip(rows, mine) if m)
+        values[np.repeat(mine, counts)] = chunks.decode_values(dtype, joined)
+    return steps, values
+
+
+def _order(run: np.ndarray, step: np.ndarray, pos: np.ndarray, metric: np.ndarray) -> np.ndarray | None:
+    """The permutation that sorts rows by run, step, position and metric; None when they
+    are sorted already."""
+    if len(step) and (run.max() < 1 << 11 and step.min() >= 0 and step.max() < 1 << 28
+                      and pos.max() < 1 << 14 and metric.max() < 1 << 10):
+        key = (((run << 28 | step) << 14 | pos) << 10) | metric
+        if np.all(key[1:] >= key[:-1]):
+            return None
+        return np.argsort(key, kind="stable")
+    return np.lexsort((metric, pos, step, run))

@@ -1,0 +1,128 @@
+"""The trace file's schema, identity and integrity checks.
+
+A trace is one SQLite database in WAL mode (readers never block the writer) with
+``application_id`` "CvSh" and ``user_version`` the schema version. Per-step values are kept
+as column chunks: one row per (run, layer, metric) and flush, holding that flush's steps
+and values as little-endian arrays (:mod:`covshift.store.chunks`).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+SCHEMA_VERSION = 2
+#: SQLite ``application_id`` of a covshift trace (the bytes "CvSh").
+APPLICATION_ID = 0x43765368
+#: ``layer_id`` of the run's own metrics (loss, lr, validation): no layer has id 0.
+RUN_LAYER = 0
+
+TABLES = [
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS runs (id INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL UNIQUE, "
+    "config TEXT NOT NULL, created TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS layers (id INTEGER PRIMARY KEY AUTOINCREMENT, run_id INTEGER NOT NULL, "
+    "name TEXT NOT NULL, type TEXT NOT NULL, nonlinearity TEXT, position INTEGER NOT NULL, edges BLOB, "
+    "UNIQUE (run_id, name))",
+    "CREATE TABLE IF NOT EXISTS metrics (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE)",
+    # one chunk of a series; the primary key clusters a series' chunks, so a filtered read
+    # touches only the pages it returns
+    "CREATE TABLE IF NOT EXISTS series (run_id INTEGER NOT NULL, layer_id INTEGER NOT NULL, "
+    "metric_id INTEGER NOT NULL, part INTEGER NOT NULL, first INTEGER NOT NULL, count INTEGER NOT NULL, "
+    "stride INTEGER, steps BLOB, dtype TEXT NOT NULL, vals BLOB NOT NULL, "
+    "PRIMARY KEY (run_id, layer_id, metric_id, part)) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS units (run_id INTEGER NOT NULL, layer_id INTEGER NOT NULL, "
+    "step INTEGER NOT NULL, mean BLOB NOT NULL, var BLOB NOT NULL, PRIMARY KEY (run_id, layer_id, step)) "
+    "WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS histograms (run_id INTEGER NOT NULL, layer_id INTEGER NOT NULL, "
+    "step INTEGER NOT NULL, counts BLOB NOT NULL, PRIMARY KEY (run_id, layer_id, step)) WITHOUT ROWID",
+]
+DATA_TABLES = ("series", "units", "histograms", "layers")
+
+
+class TraceError(Exception):
+    """A file that is missing, empty, not a covshift trace, corrupt, from another covshift
+    version, or that cannot be written."""
+
+
+def inspect_file(path: str) -> None:
+    """Check what can be checked without SQLite: an empty file, another format, or a file
+    shorter than its header says (truncated)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise TraceError(f"{path} is empty (0 bytes): not a covshift trace")
+    with open(path, "rb") as f:
+        header = f.read(100)
+    if not header.startswith(b"SQLite format 3\x00"):
+        raise TraceError(f"{path} is not a covshift trace (not an SQLite file)")
+    if len(header) < 100:
+        raise TraceError(f"{path} is corrupt (truncated to {size} bytes)")
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    pages = int.from_bytes(header[28:32], "big")
+    valid = header[24:28] == header[92:96]  # the page count is valid for this change counter
+    if page_size < 512 or size % page_size or (valid and pages * page_size > size):
+        raise TraceError(f"{path} is corrupt (truncated: {size} bytes, the header describes "
+                         f"{pages} pages of {page_size} bytes)")
+
+
+def check_identity(conn: sqlite3.Connection, path: str, writing: bool = False) -> int:
+    """The schema version of a covshift trace; raise :class:`TraceError` for another
+    program's file or a version this covshift cannot read (or, ``writing``, append to)."""
+    try:
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        raise TraceError(f"{path} is not a covshift trace ({e})") from None
+    if app != APPLICATION_ID:
+        raise TraceError(f"{path} is not a covshift trace (an SQLite file of another program)")
+    if version > SCHEMA_VERSION:
+        raise TraceError(
+            f"{path} was written by a newer covshift (trace schema {version}, this covshift reads "
+            f"up to {SCHEMA_VERSION}): upgrade covshift to read it")
+    if version < SCHEMA_VERSION:
+        action = "append to" if writing else "read"
+        raise TraceError(
+            f"{path} is a trace of schema {version}, written by covshift 0.1; this covshift cannot "
+            f"{action} it: record it again (`covshift trace` rewrites it) or read it with covshift 0.1")
+    return version
+
+
+def quick_check(conn: sqlite3.Connection, path: str) -> None:
+    try:
+        result = conn.execute("PRAGMA quick_check").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        raise TraceError(f"{path} is corrupt ({e})") from None
+    if result != "ok":
+        raise TraceError(f"{path} is corrupt ({result})")
+
+
+def create_or_check(conn: sqlite3.Connection, path: str, version: str) -> None:
+    """Give a new file the schema, or check an existing one, in one immediate transaction:
+    processes creating the same file at once see either nothing or the whole schema."""
+    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only on an empty file
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        empty = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+        app = conn.execute("PRAGMA application_id").fetchone()[0]
+        if empty and app == 0:
+            for statement in TABLES:
+                conn.execute(statement)
+            conn.executemany("INSERT INTO meta VALUES (?, ?)",
+                             [("format", "covshift trace"), ("covshift_version", version)])
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        else:
+            check_identity(conn, path, writing=True)
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
+        raise TraceError(f"cannot write {path}: the file system does not support SQLite's WAL mode")
+
+
+def read_uri(path: str, immutable: bool = False) -> str:
+    """The URI that opens ``path`` read-only (``immutable`` where no -shm file can be made)."""
+    return Path(path).resolve().as_uri() + ("?immutable=1" if immutable else "?mode=ro")
