@@ -3,21 +3,20 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Optional
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__
-from .sweep import SWEEP_DETAIL_EVERY, Job, default_workers, jobs, parse_list, run_sweep
+from . import __version__, ranges
+from .sweep import SWEEP_DETAIL_EVERY, Job, Terminated, default_workers, jobs, parse_list, run_sweep
 
 if TYPE_CHECKING:
     from .runner import Outcome
@@ -113,6 +112,36 @@ def _fail(message: str, detail: str | None = None, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _check_settings(values: dict[str, Any]) -> None:
+    """Raise the one-line error for the first option, among ``values`` (by setting name, as
+    in :class:`covshift.runner.Settings`; None: not given), that is out of its range."""
+    for name, value in values.items():
+        expected = ranges.problem(name, value)
+        if expected is not None:
+            raise _fail(f"--{name.replace('_', '-')} takes {expected}, not {ranges.shown(value)}")
+    every, detail_every = values["every"], values["detail_every"]
+    if detail_every % every:
+        raise _fail(f"--detail-every {detail_every} must be a multiple of --every {every}")
+
+
+def _check_output(folder: Path, trace: Path | None = None) -> None:
+    """Raise the one-line error naming the path when the output folder ``folder``, or the
+    trace file ``trace`` in it when given, cannot be written. Cheap checks, made before
+    anything is trained; nothing is created."""
+    if folder.exists() and not folder.is_dir():
+        raise _fail(f"the output folder {folder} is a file: give --out a folder")
+    existing = next(p for p in (folder.absolute(), *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise _fail(f"cannot create the output folder {folder}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _fail(f"cannot write to the output folder {folder}" + (
+            " (not writable)" if existing == folder.absolute() else f": {existing} is not writable"))
+    if trace is not None and trace.is_dir():
+        raise _fail(f"{trace} is a folder, not a trace file: remove it or give another --out")
+    if trace is not None and trace.exists() and not os.access(trace, os.W_OK):
+        raise _fail(f"the trace file {trace} is not writable")
+
+
 def _device_problem(name: str) -> str | None:
     """Why ``--device name`` cannot be used here, or None."""
     import torch
@@ -186,6 +215,9 @@ def _seeds(text: str, seed: int | None) -> int | list[int]:
         return values[0]
     if len(set(values)) < len(values):
         raise _fail(f"--seeds {text} lists a seed twice")
+    for value in values:
+        if not ranges.SEED.accepts(value):
+            raise _fail(f"--seeds {text}: each seed must be {ranges.SEED.description}")
     if seed is not None:
         raise _fail(f"--seed {seed} and the list --seeds {text} exclude each other: give the seeds in the list")
     return values
@@ -234,13 +266,14 @@ def trace(
     """
     if only not in (None, "bn", "nobn"):
         raise _fail(f"--only takes bn or nobn, not {only!r}")
+    overrides = {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
+                 "momentum": momentum, "weight_decay": weight_decay, "seed": seed, "device": device,
+                 "every": every, "detail_every": detail_every, "eval_every": eval_every, "ics_every": ics_every}
+    _check_settings(overrides)
     seed_spec = 1 if seeds is None else _seeds(seeds, seed)
     problem = _device_problem(device)
     if problem:
         raise _fail(problem)
-    overrides = {"epochs": epochs, "steps": steps, "lr": lr, "batch_size": batch_size, "optimizer": optimizer,
-                 "momentum": momentum, "weight_decay": weight_decay, "seed": seed, "device": device,
-                 "every": every, "detail_every": detail_every, "eval_every": eval_every, "ics_every": ics_every}
     from .modelfile import load as load_model_file
     from .runner import Interrupted, train_pair
 
@@ -250,6 +283,7 @@ def trace(
             mf = load_model_file(model_file)
             folder = out if out is not None else Path("reports") / mf.path.stem
             path = folder / "trace.covshift"
+            _check_output(folder, path)
             with Progress(TextColumn("{task.description:>5}"), TextColumn("epoch {task.fields[epoch]}"), BarColumn(),
                           MofNCompleteColumn(), TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(),
                           console=console) as progress:
@@ -350,6 +384,10 @@ def sweep(
 
     Example: covshift sweep examples/mlp_sigmoid.py --lr 0.03,0.3,3 --init-scale 0.25,1,4 --steps 200
     """
+    overrides = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "optimizer": optimizer,
+                 "momentum": momentum, "weight_decay": weight_decay, "device": device, "every": every,
+                 "detail_every": detail_every, "ics_every": ics_every}
+    _check_settings({**overrides, "jobs": jobs_})
     problem = _device_problem(device)
     if problem:
         raise _fail(problem)
@@ -363,15 +401,14 @@ def sweep(
     try:
         with _user_errors(debug):
             lrs, scales = parse_list(lr, float, "--lr"), parse_list(init_scale, float, "--init-scale")
+            seed_list = parse_list(seeds, int, "--seeds") if seeds else None
             mf = load_model_file(model_file)
-            seed_list = parse_list(seeds, int, "--seeds") if seeds else [int(mf.config.get("seed", 0))]
-            overrides = {"epochs": epochs, "steps": steps, "batch_size": batch_size, "optimizer": optimizer,
-                         "momentum": momentum, "weight_decay": weight_decay, "device": device, "every": every,
-                         "detail_every": detail_every, "ics_every": ics_every}
-            # check the file once here, so that its errors surface before any worker starts
-            prepare(mf, {**overrides, "lr": lrs[0], "init_scale": scales[0], "seed": seed_list[0]})
+            seed_list = seed_list or [int(mf.config.get("seed", 0))]
             folder = out if out is not None else Path("reports") / f"{mf.path.stem}-sweep"
             path = folder / "trace.covshift"
+            _check_output(folder, path)
+            # check the file once here, so that its errors surface before any worker starts
+            prepare(mf, {**overrides, "lr": lrs[0], "init_scale": scales[0], "seed": seed_list[0]})
             todo = jobs(model_file, lrs, scales, seed_list, overrides, path, 1 if jobs_ > 1 else 0)
             with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
                           TimeElapsedColumn(), console=console) as progress:
@@ -386,10 +423,11 @@ def sweep(
                     progress.advance(task)
 
                 run_sweep(todo, jobs_, on_done)
-    except (KeyboardInterrupt, Interrupted):
-        Console().print(_grid(done, "interrupted: finished settings so far"))
-        typer.echo(f"interrupted after {len(done)} of {len(todo)} runs; trace: {path}", err=True)
-        raise typer.Exit(130) from None
+    except (KeyboardInterrupt, Interrupted, Terminated) as e:
+        stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        Console().print(_grid(done, f"{stopped}: finished settings so far"))
+        typer.echo(f"{stopped} after {len(done)} of {len(todo)} runs; trace: {path}", err=True)
+        raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
     Console().print(_grid(done, f"final eval-mode training loss (on a training subset the size of the validation "
                                 f"set), mean over seeds: {path}"))
     typer.echo(f"trace: {path}")
@@ -414,7 +452,9 @@ def report(
     formats = tuple(f.strip() for f in format.split(",") if f.strip())
     if not formats or set(formats) - {"md", "html"}:
         raise _fail(f"--format takes md, html or md,html, not {format!r}")
-    _write_report(trace_file, out if out is not None else trace_file.parent, formats, _command(ctx), debug)
+    folder = out if out is not None else trace_file.parent
+    _check_output(folder)
+    _write_report(trace_file, folder, formats, _command(ctx), debug)
 
 
 def main() -> None:

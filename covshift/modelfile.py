@@ -30,6 +30,8 @@ from typing import Any, Callable
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from .ranges import problem
+
 FACTORY_NAMES = ("build_model", "model")
 CONFIG_KEYS = ("epochs", "steps", "lr", "batch_size", "optimizer", "momentum", "weight_decay", "seed")
 
@@ -146,6 +148,10 @@ def load(spec: str) -> ModelFile:
     unknown = sorted(set(config) - set(CONFIG_KEYS))
     if unknown:
         raise ModelFileError(f"{file}: unknown config keys {', '.join(unknown)} (known: {', '.join(CONFIG_KEYS)})")
+    for key, value in config.items():
+        expected = problem(key, value)
+        if expected is not None:
+            raise ModelFileError(f'{file}: config["{key}"] must be {expected}, not {value!r}')
     return ModelFile(path, module, found, None if instance is not None else target, instance,
                      instance is None and _takes_argument(target), data, loss_fn, dict(config))
 

@@ -5,17 +5,30 @@ Each job trains one variant at one setting exactly as ``covshift trace`` does (s
 model-file contract, same pairing guarantees) and writes its own run, named like
 ``bn lr=0.03 init=1 seed=0``, into the shared trace file. SQLite serialises the writers;
 every batch is one transaction, so rows are neither lost nor interleaved.
+
+The workers end with the sweep: when its process dies, even by ``kill -9``, each worker is
+killed too (Linux: the parent-death signal), or ends itself within half a second (it
+watches its parent process); on SIGTERM the sweep stops its workers and raises
+:class:`Terminated`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import itertools
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .ranges import FINITE_POSITIVE, SEED, shown
 
 if TYPE_CHECKING:
     from .runner import Outcome
@@ -23,6 +36,15 @@ if TYPE_CHECKING:
 #: Default ``detail_every`` of a sweep: per-unit statistics and histograms are rarely
 #: needed per setting, so sweeps record them at step 0 and every 500 steps only.
 SWEEP_DETAIL_EVERY = 500
+
+#: Seconds between a worker's checks that the sweep's process is still its parent.
+PARENT_POLL_SECONDS = 0.5
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+class Terminated(BaseException):
+    """SIGTERM reached the sweep: its workers are stopped. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` takes it for a failed run."""
 
 
 @dataclass(frozen=True)
@@ -81,19 +103,41 @@ def run_sweep(todo: list[Job], workers: int, on_done: Callable[[Job, Outcome], N
 
     TraceWriter(todo[0].path).close()
     outcomes = []
-    for job, outcome in _results(todo, workers):
-        outcomes.append(outcome)
-        if on_done is not None:
-            on_done(job, outcome)
+    # closing: an exception in on_done stops the workers before it leaves this function
+    with _sigterm_raises(), contextlib.closing(_results(todo, workers)) as results:
+        for job, outcome in results:
+            outcomes.append(outcome)
+            if on_done is not None:
+                on_done(job, outcome)
     return outcomes
 
 
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread (elsewhere
+    Python cannot handle signals, and SIGTERM keeps its effect)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)  # None: set outside Python
+
+
 def _results(todo: list[Job], workers: int) -> Iterator[tuple[Job, Outcome]]:
+    """The finished jobs, from worker processes that end with this one: the pool is created
+    by the calling thread, whose end the parent-death signal follows (see :func:`_end_with_parent`)."""
     if workers <= 1:
         yield from map(run_job, todo)
         return
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch threads
-    pool = context.Pool(min(workers, len(todo)))
+    pool = context.Pool(min(workers, len(todo)), initializer=_end_with_parent, initargs=(os.getpid(),))
     try:
         yield from pool.imap_unordered(run_job, todo)
         pool.close()
@@ -104,19 +148,43 @@ def _results(todo: list[Job], workers: int) -> Iterator[tuple[Job, Outcome]]:
         pool.join()
 
 
+def _end_with_parent(parent: int) -> None:
+    """Pool initializer: end this worker when ``parent`` (the sweep's process) dies. On Linux
+    the kernel kills it (``prctl(PR_SET_PDEATHSIG, SIGKILL)``); everywhere, a daemon thread
+    checks every :data:`PARENT_POLL_SECONDS` that ``parent`` is still its parent process."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        except (OSError, AttributeError):
+            pass  # the watching thread still ends the worker
+    threading.Thread(target=_watch_parent, args=(parent,), name="covshift-watch-parent", daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit this process at once when its parent is no longer ``parent``, which is also the
+    case when the parent died before the parent-death signal was set."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_POLL_SECONDS)
+    os._exit(1)
+
+
 def default_workers() -> int:
     """Worker processes by default: the cores this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def parse_list(text: str, kind: type, option: str) -> list[Any]:
-    """``"0.01,0.1"`` -> ``[0.01, 0.1]``; a clear ValueError names the option otherwise."""
+    """``"0.01,0.1"`` -> ``[0.01, 0.1]``, without repeats; a clear ValueError names the
+    option otherwise. Floats (learning rates, init scales) must be finite and positive,
+    integers (seeds) in the range torch accepts."""
     try:
         values = [kind(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise ValueError(f"{option} takes a comma-separated list of numbers, not {text!r}") from None
     if not values:
         raise ValueError(f"{option} needs at least one value")
-    if kind is float and any(v <= 0 for v in values):
-        raise ValueError(f"{option} values must be positive, got {text!r}")
+    expected = FINITE_POSITIVE if kind is float else SEED
+    for value in values:
+        if not expected.accepts(value):
+            raise ValueError(f"{option} {text}: each value must be {expected.description}, not {shown(value)}")
     return list(dict.fromkeys(values))
