@@ -64,7 +64,7 @@ def evaluations(runs: list[str], run_frame: pd.DataFrame, configs: Mapping[str, 
     (NaN where not logged) and the run's ``val_examples`` (config; NaN without it)."""
     metrics = EVALUATION_COLUMNS[2:5]
     rows = run_frame[run_frame["run"].isin(runs) & run_frame["metric"].isin(metrics)]
-    wide = rows.pivot_table(index=["run", "step"], columns="metric", values="value", aggfunc="last")
+    wide = rows.pivot_table(index=["run", "step"], columns="metric", values="value", aggfunc="last", observed=True)
     wide = wide.reindex(columns=metrics).reset_index()
     wide["val_examples"] = [float(configs.get(run, {}).get("val_examples") or math.nan) for run in wide["run"]]
     return wide.reindex(columns=EVALUATION_COLUMNS).sort_values(["run", "step"], ignore_index=True)

@@ -70,7 +70,7 @@ def landscape_figure(trace: Trace) -> Figure | None:
     for ax, (title, ylabel, band, line) in zip(axes[0], PANELS):
         shown = []
         for run in trace.runs:
-            mine = rows[rows["run"] == run].pivot_table(index="step", columns="metric", values="value", aggfunc="last")
+            mine = rows[rows["run"] == run].pivot_table(index="step", columns="metric", values="value", aggfunc="last", observed=True)
             if band and set(band) <= set(mine.columns):
                 low, high = mine[band[0]], mine[band[1]]
                 ax.fill_between(low.index, low, high, color=colors[run], alpha=0.3, lw=0, label=style.literal(run))
