@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from . import stats
 from .layers import ROOT, calls_children_functionally, first_tensor, functional_candidates, select_layers
 from .records import Slots, StepRecord, fetch, summarize
-from .store import TraceWriter
+from .saving import Batch, Saver
 
 __all__ = ["ROOT", "Tracer", "first_tensor", "select_layers"]
 
@@ -29,7 +29,6 @@ class _Layer:
     kind: stats.Nonlinearity | None
     position: int | None = None
     edges: np.ndarray | None = None  # histogram edges, fixed at the layer's first flush
-    edges_written: bool = False
     indices: dict[int, Tensor | None] = field(default_factory=dict)
     input_sample: Tensor | None = None  # of_input kinds: this call's input sample, from the pre-hook
 
@@ -55,7 +54,13 @@ class Tracer:
     Forward passes with gradients disabled (validation under ``torch.no_grad()``) are not
     recorded, nor, unless ``include_eval``, those while ``model`` is in eval mode. Only steps
     ended by :meth:`step` reach the file; they are written every ``flush_every`` recorded
-    steps and when the tracer closes, also on an exception.
+    steps and when the tracer closes, also on an exception. The loss and learning rates are
+    recorded at every step, the layer statistics every ``every`` steps.
+
+    Once started, the Tracer never raises because of its file: a batch it cannot write (a
+    full disk, say) is kept in memory, at most ``max_unsaved`` steps, and retried at the
+    next flush; it warns once, and :attr:`storage_error` and the run's config
+    (``saved_steps``, ``unsaved_steps``) say what was saved.
     """
 
     def __init__(
@@ -74,9 +79,10 @@ class Tracer:
         config: dict[str, Any] | None = None,
         overwrite: bool = False,
         include_eval: bool = False,
+        max_unsaved: int = 10_000,
     ) -> None:
         for label, value in [("every", every), ("detail_every", detail_every), ("flush_every", flush_every),
-                             ("sample_size", sample_size), ("bins", bins)]:
+                             ("sample_size", sample_size), ("bins", bins), ("max_unsaved", max_unsaved)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
         if detail_every % every:
@@ -87,7 +93,7 @@ class Tracer:
         self.model, self.path, self.run, self.optimizer = model, os.fspath(path), run, optimizer
         self.every, self.detail_every, self.flush_every = every, detail_every, flush_every
         self.sample_size, self.bins, self.overwrite = sample_size, bins, overwrite
-        self.include_eval = include_eval
+        self.include_eval, self.max_unsaved = include_eval, max_unsaved
         self.config = dict(config or {})
         self._prev: list[Tensor] | None = None  # the tracked weights before the step's update
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -101,8 +107,8 @@ class Tracer:
         self._called: set[int] | None = set() if self._candidates else None  # ids of modules called in step 0
         self._handles: list[Any] = []
         self._probes: list[Any] = []
-        self._writer: TraceWriter | None = None
-        self._run_id = 0
+        self._saver: Saver | None = None
+        self._recorded = 0  # recorded steps pending, counted for flush_every
         self._order = itertools.count()
         self._pending: list[StepRecord] = []
         self._logged = Slots()  # values given to log(), with their rows in _log_rows
@@ -122,16 +128,12 @@ class Tracer:
 
     def start(self) -> Tracer:
         """Open the trace file, add this run and attach the hooks (``with`` does this)."""
-        if self._writer is not None:
+        if self._saver is not None:
             raise RuntimeError("this Tracer has already been started")
         settings = {"every": self.every, "detail_every": self.detail_every,
                     "sample_size": self.sample_size, "bins": self.bins, "include_eval": self.include_eval}
-        self._writer = TraceWriter(self.path)
-        try:
-            self._run_id = self._writer.add_run(self.run, {**self.config, "tracer": settings}, self.overwrite)
-        except BaseException:
-            self._writer.close()
-            raise
+        self._saver = Saver(self.path, self.run, {**self.config, "tracer": settings}, self.overwrite,
+                            self.max_unsaved)
         for layer in list(self._layers.values()):
             self._hook(layer)
         for name, module, children in self._candidates:
@@ -167,19 +169,28 @@ class Tracer:
 
     def close(self) -> None:
         """Flush what is recorded, remove every hook and close the file. Safe to call twice."""
-        if self._closed or self._writer is None:
+        if self._closed or self._saver is None:
             return
-        self._closed = True
         try:
             self.flush()
-            self._writer.update_config(self._run_id, **{**self.config, "steps": self._step})
         finally:
+            self._closed = True
             self._stop_probing()
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
             self._scratch.clear()
-            self._writer.close()
+            self._saver.close({**self.config, "steps": self._step})
+
+    @property
+    def storage_error(self) -> str | None:
+        """The first error that kept a batch from the file, or None when all were written."""
+        return None if self._saver is None else self._saver.error
+
+    @property
+    def unsaved_steps(self) -> list[list[int]]:
+        """Ranges ``[first, last]`` of recorded steps not (yet) in the file."""
+        return [] if self._saver is None else self._saver.unsaved_steps
 
     @property
     def layers(self) -> list[str]:
@@ -265,21 +276,22 @@ class Tracer:
     def step(self, loss: Tensor | float | None = None) -> int:
         """End the current step, recording ``loss`` (a tensor is not synchronised), and
         return its index. Call it after ``optimizer.step()``."""
-        if self._writer is None or self._closed:
+        if self._saver is None or self._closed:
             raise RuntimeError("Tracer.step() called outside the Tracer's `with` block")
         index = self._step
+        rec = self._current
         if self.recording:
-            rec = self._current
             with torch.no_grad():
                 self._record_params(rec)
-            self._record_scalars(rec, loss)
-            self._pending.append(rec)
+            self._recorded += 1
+        self._record_scalars(rec, loss)
+        self._pending.append(rec)
         self._step += 1
         self._stop_probing()
         self._current = self._new_record()
         if self.recording:
             self._snapshot()
-        if len(self._pending) >= self.flush_every:
+        if self._recorded >= self.flush_every:
             self.flush()
         return index
 
@@ -311,7 +323,7 @@ class Tracer:
     def _on_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Before ``optimizer.step()``: the learning rates this update uses (a scheduler
         stepped after it changes them for the next step only)."""
-        if not self._closed and self.recording:
+        if not self._closed:
             self._record_lrs(self._current)
 
     def _record_lrs(self, rec: StepRecord) -> None:
@@ -334,6 +346,8 @@ class Tracer:
 
         >>> tracer.log(val_loss=val_loss, val_accuracy=0.93)  # doctest: +SKIP
         """
+        if self._closed:
+            raise RuntimeError("Tracer.log() after close(): the trace file is closed")
         if layer and layer not in self._layers:
             raise ValueError(f"log(layer={layer!r}): not a layer this tracer hooks")
         at = max(self._step - 1, 0) if step is None else step
@@ -355,10 +369,14 @@ class Tracer:
 
     # flushing --------------------------------------------------------------------------
     def flush(self) -> None:
-        """Write every recorded step to the file now, in one transaction (one host sync)."""
-        if (not self._pending and not self._log_rows) or self._writer is None:
+        """Write every recorded step to the file now, in one transaction (one host sync).
+        A batch that cannot be written is kept and retried at the next flush."""
+        if self._saver is None or self._closed:
             return
-        records, self._pending = self._pending, []
+        if not self._pending and not self._log_rows:
+            self._saver.save()
+            return
+        records, self._pending, self._recorded = self._pending, [], 0
         logged, rows, self._logged, self._log_rows = self._logged, self._log_rows, Slots(), []
         fetch([r.slots for r in records] + [logged])
         summarize(records, {n: layer.kind for n, layer in self._layers.items()})
@@ -368,22 +386,24 @@ class Tracer:
             if layer.edges is None and first is not None:
                 layer.edges = stats.hist_edges(*first, layer.kind, self.bins)
         edges = {n: layer.edges for n, layer in self._layers.items()}
-        scalars = [(step, layer, name, float(logged.get(h)[0])) for step, layer, name, h in rows]
-        units, hists = [], []
+        steps = [r.step for r in records] + [row[0] for row in rows]
+        batch = Batch(min(steps), max(steps))
+        batch.scalars = [(step, layer, name, float(logged.get(h)[0])) for step, layer, name, h in rows]
         for r in records:
-            scalars += [(r.step, layer, metric, value) for layer, metric, value in r.rows()]
-            units += [(r.step, *row) for row in r.unit_rows()]
-            hists += [(r.step, *row) for row in r.hist_rows(edges)]
-        self._write_layers({row[1] for row in scalars} - {""})
-        self._writer.write(self._run_id, scalars, units, hists)
+            batch.scalars += [(r.step, layer, metric, value) for layer, metric, value in r.rows()]
+            batch.units += [(r.step, *row) for row in r.unit_rows()]
+            batch.hists += [(r.step, *row) for row in r.hist_rows(edges)]
+        batch.layers = self._layer_rows({row[1] for row in batch.scalars} - {""})
+        self._saver.save(batch)
 
-    def _write_layers(self, seen: set[str]) -> None:
+    def _layer_rows(self, seen: set[str]) -> list[tuple[str, str, str | None, int, list[float] | None]]:
+        """The writer's layer registrations for the layers in a batch, positions given in
+        the order layers first produce data."""
+        out = []
         for name in sorted(seen, key=lambda n: (self._layers[n].position is None, self._layers[n].position or 0)):
             layer = self._layers[name]
             if layer.position is None:
                 layer.position = next(self._order)
-            edges = None
-            if layer.edges is not None and not layer.edges_written:
-                edges, layer.edges_written = layer.edges.tolist(), True
-            self._writer.add_layer(self._run_id, name, type(layer.module).__name__,
-                                   layer.kind.name if layer.kind else None, layer.position, edges)
+            out.append((name, type(layer.module).__name__, layer.kind.name if layer.kind else None, layer.position,
+                        None if layer.edges is None else layer.edges.tolist()))
+        return out

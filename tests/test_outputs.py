@@ -131,7 +131,7 @@ def test_structured_outputs_train_exactly_as_the_tensor(tmp_path, kind):
 @pytest.mark.parametrize("kind", ["dict", "dataclass", "tuple"])
 def test_structured_outputs_recorded_metrics_are_the_models(tmp_path, kind):
     path = write(tmp_path, DATA % KINDS[kind])
-    with trace(tmp_path, path, "--steps", 2, "--lr", 0, "--only", "nobn") as opened:
+    with trace(tmp_path, path, "--steps", 2, "--lr", 1e-30, "--only", "nobn") as opened:
         last = last_metrics(opened, "nobn")
     module = import_file(path)
     torch.manual_seed(0)  # covshift seeds before building each variant
@@ -154,7 +154,7 @@ def loss_fn(output, target):
     return 2 * nn.functional.cross_entropy(output["logits"], target)
 '''
     path = write(tmp_path, body)
-    with trace(tmp_path, path, "--steps", 2, "--lr", 0, "--only", "nobn") as opened:
+    with trace(tmp_path, path, "--steps", 2, "--lr", 1e-30, "--only", "nobn") as opened:
         last = last_metrics(opened, "nobn")
     module = import_file(path)
     torch.manual_seed(0)
@@ -203,7 +203,7 @@ def build_model(batchnorm):  # (N, T) ids -> (N, T, classes) scores: a tagger
 
 def test_per_token_scores_ignore_minus_100(tmp_path):
     path = write(tmp_path, TOKENS)
-    with trace(tmp_path, path, "--steps", 2, "--lr", 0, "--only", "nobn") as opened:
+    with trace(tmp_path, path, "--steps", 2, "--lr", 1e-30, "--only", "nobn") as opened:
         last = last_metrics(opened, "nobn")
         chance = opened.config("nobn")["chance_accuracy"]
     module = import_file(path)
@@ -269,7 +269,7 @@ def test_hugging_face_model_with_dict_batches(tmp_path):
     per-example losses are taken at the same shifted positions."""
     pytest.importorskip("transformers")
     path = write(tmp_path, GPT2)
-    with trace(tmp_path, path, "--steps", 2, "--lr", 0, "--only", "nobn") as opened:
+    with trace(tmp_path, path, "--steps", 2, "--lr", 1e-30, "--only", "nobn") as opened:
         last = last_metrics(opened, "nobn")
         losses = opened.scalars(run="nobn", layer="", metric="loss")["value"].tolist()
     module = import_file(path)

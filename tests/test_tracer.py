@@ -995,7 +995,10 @@ def test_every_records_only_multiples(tmp_path):
                      between=lambda i: snaps.append(model[0].weight.detach().clone().double()))
     trace = covshift.load(path)
     tab = table(trace)
-    assert {s for s, _, _ in tab} == {0, 2, 4}
+    assert {s for s, layer, _ in tab if layer} == {0, 2, 4}  # layer statistics every 2 steps
+    assert {s for s, layer, m in tab if m == "loss"} == set(range(6))  # the loss and lr at every step
+    assert {s for s, layer, m in tab if m == "lr"} == set(range(6))
+    assert [tab[(s, "", "loss")] for s in (1, 3, 5)] == pytest.approx([refs[s].loss for s in (1, 3, 5)], rel=1e-6)
     assert set(trace.units()["step"]) == {0, 4}
     assert trace.config("run")["steps"] == 6
     for step in (0, 2, 4):

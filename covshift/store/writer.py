@@ -51,6 +51,7 @@ class TraceWriter:
             inspect_file(self.path)
         try:
             self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+            self.conn.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash of the program loses nothing committed
         except sqlite3.Error as e:
             raise TraceError(f"cannot write the trace {self.path} ({e})") from None
         try:
@@ -126,19 +127,24 @@ class TraceWriter:
     def add_layer(self, run_id: int, name: str, type_name: str, nonlinearity: str | None,
                   position: int, edges: Sequence[float] | None) -> None:
         """Register a layer once; later calls only fill in its histogram edges."""
-        key = (run_id, name)
         with self._transaction():
             self._config(run_id)
-            if key not in self._layers:
-                found = self.conn.execute("SELECT id FROM layers WHERE run_id = ? AND name = ?", key).fetchone()
-                if found is None:
-                    found = (self.conn.execute(
-                        "INSERT INTO layers (run_id, name, type, nonlinearity, position) VALUES (?, ?, ?, ?, ?)",
-                        (run_id, name, type_name, nonlinearity, position)).lastrowid,)
-                self._layers[key] = int(found[0])
-            if edges is not None:
-                self.conn.execute("UPDATE layers SET edges = ? WHERE id = ?",
-                                  (chunks.pack(np.asarray(edges, dtype=float), "<f8"), self._layers[key]))
+            self._register(run_id, name, type_name, nonlinearity, position, edges)
+
+    def _register(self, run_id: int, name: str, type_name: str, nonlinearity: str | None, position: int,
+                  edges: Sequence[float] | None) -> None:
+        """:meth:`add_layer` inside the caller's transaction."""
+        key = (run_id, name)
+        if key not in self._layers:
+            found = self.conn.execute("SELECT id FROM layers WHERE run_id = ? AND name = ?", key).fetchone()
+            if found is None:
+                found = (self.conn.execute(
+                    "INSERT INTO layers (run_id, name, type, nonlinearity, position) VALUES (?, ?, ?, ?, ?)",
+                    (run_id, name, type_name, nonlinearity, position)).lastrowid,)
+            self._layers[key] = int(found[0])
+        if edges is not None:
+            self.conn.execute("UPDATE layers SET edges = ? WHERE id = ?",
+                              (chunks.pack(np.asarray(edges, dtype=float), "<f8"), self._layers[key]))
 
     def _metric_id(self, name: str) -> int:
         if name not in self._metrics:
@@ -148,34 +154,38 @@ class TraceWriter:
 
     def write(self, run_id: int, scalars: Iterable[tuple[int, str, str, float]],
               units: Iterable[tuple[int, str, int, float, float]],
-              hists: Iterable[tuple[int, str, np.ndarray]], saved: tuple[int, int] | None = None) -> None:
+              hists: Iterable[tuple[int, str, np.ndarray]], saved: tuple[int, int] | None = None,
+              layers: Iterable[tuple[str, str, str | None, int, Sequence[float] | None]] = ()) -> None:
         """Append one batch of step data in a single transaction: ``(step, layer, metric,
         value)`` rows (the empty layer name is the run itself), ``(step, layer, unit, mean,
         var)`` rows and ``(step, layer, counts)``. Layers must have been added with
-        :meth:`add_layer`. ``saved``, the batch's first and last step, is added to the run's
+        :meth:`add_layer`, or be given in ``layers`` (its arguments, registered in the same
+        transaction). ``saved``, the batch's first and last step, is added to the run's
         config ``saved_steps`` in the same transaction."""
-        layer = {name: i for (rid, name), i in self._layers.items() if rid == run_id}
-        layer[""] = RUN_LAYER
-        series: dict[tuple[int, str], tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+        series: dict[tuple[str, str], tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
         for step, name, metric, value in scalars:
-            steps, values = series[(layer[name], metric)]
+            steps, values = series[(name, metric)]
             steps.append(step)
             values.append(value)
-        per_unit: dict[tuple[int, int], list[tuple[int, float, float]]] = defaultdict(list)
+        per_unit: dict[tuple[str, int], list[tuple[int, float, float]]] = defaultdict(list)
         for step, name, unit, mean, var in units:
-            per_unit[(layer[name], step)].append((unit, mean, var))
+            per_unit[(name, step)].append((unit, mean, var))
         with self._transaction():
             config = self._config(run_id)
+            for args in layers:
+                self._register(run_id, *args)
+            layer = {name: i for (rid, name), i in self._layers.items() if rid == run_id}
+            layer[""] = RUN_LAYER
             self._part += 1
             rows = []
-            for (layer_id, metric), (steps, values) in series.items():
-                dtype = chunks.RUN_DTYPE if layer_id == RUN_LAYER else chunks.LAYER_DTYPE
+            for (name, metric), (steps, values) in series.items():
+                dtype = chunks.RUN_DTYPE if name == "" else chunks.LAYER_DTYPE
                 c = chunks.encode(np.asarray(steps), np.asarray(values, dtype=np.float64), dtype)
-                rows.append((run_id, layer_id, self._metric_id(metric), self._part, c.first, c.count, c.stride,
+                rows.append((run_id, layer[name], self._metric_id(metric), self._part, c.first, c.count, c.stride,
                              c.steps, c.dtype, c.vals))
             self.conn.executemany("INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.conn.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?)", [
-                (run_id, layer_id, step, *_unit_blobs(values)) for (layer_id, step), values in per_unit.items()])
+                (run_id, layer[name], step, *_unit_blobs(values)) for (name, step), values in per_unit.items()])
             self.conn.executemany("INSERT OR REPLACE INTO histograms VALUES (?, ?, ?, ?)", [
                 (run_id, layer[name], step, chunks.pack(counts, "<i4")) for step, name, counts in hists])
             if saved is not None:
