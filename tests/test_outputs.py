@@ -2,8 +2,9 @@
 Hugging Face ``ModelOutput``s) and on dict batches (Hugging Face style): the rule of
 :mod:`covshift.outputs` and :mod:`covshift.batches`.
 
-Every test writes a tiny model file into tmp_path and runs the CLI. With ``--lr 0`` the
-weights stay at their initial values, so the recorded validation numbers are recomputed
+Every test writes a tiny model file into tmp_path and runs the CLI. With ``--lr 1e-30``
+(covshift refuses 0) the updates vanish below float32 resolution and the weights stay at
+their initial values, so the recorded validation numbers are recomputed
 here, with torch and numpy, from the model the file builds under the same seed.
 """
 
