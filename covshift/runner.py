@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .batches import Batch, call, to_device
 from .modelfile import ModelFile, ModelFileError, user_traceback
 from .outputs import Criterion, evaluate
-from .store import TraceWriter, load
+from .store import TraceError, TraceWriter, load
 from .ics import Instruments
 from .tracer import ROOT, Tracer
 from .variants import derive_variant, share_weights
@@ -260,6 +260,10 @@ def train_run(mf: ModelFile, model: nn.Module, run: str, train: Dataset | DataLo
                 if outcome.diverged_at is None:
                     outcome.diverged_at = broken[0]
             tracer.config.update({k: v for k, v in asdict(outcome).items() if k not in ("run", "steps")})
+    if tracer.storage_error is not None:
+        lost = ", ".join(f"{a}–{b}" if a != b else str(a) for a, b in tracer.unsaved_steps)
+        raise TraceError(f"the {run} run trained {outcome.steps} steps, but its trace {path} could not be fully "
+                         f"written ({tracer.storage_error})" + (f"; steps {lost} are not in it" if lost else ""))
     if outcome.interrupted:
         raise Interrupted([outcome])
     return outcome

@@ -108,7 +108,7 @@ class TraceWriter:
 
     def _reclaim(self) -> None:
         """Return the pages of deleted data to the file system (auto_vacuum is incremental)."""
-        self.conn.execute("PRAGMA incremental_vacuum")
+        self.conn.executescript("PRAGMA incremental_vacuum;")  # executescript steps it to the end
 
     def _config(self, run_id: int) -> dict[str, Any]:
         row = self.conn.execute("SELECT config FROM runs WHERE id = ?", (run_id,)).fetchone()
