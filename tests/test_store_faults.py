@@ -176,7 +176,7 @@ def test_covshift_trace_reports_a_full_disk_as_a_storage_failure(tmp_path):
         import torch
         from torch import nn
         from torch.utils.data import TensorDataset
-        config = {"steps": 120, "batch_size": 16}
+        config = {"steps": 300, "batch_size": 16}
         def build_model():
             return nn.Sequential(nn.Linear(8, 64), nn.Tanh(), nn.Linear(64, 3))
         def data():
@@ -185,7 +185,7 @@ def test_covshift_trace_reports_a_full_disk_as_a_storage_failure(tmp_path):
             return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
     '''))
     script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, resource.RLIM_INFINITY)); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, resource.RLIM_INFINITY)); "
               "from covshift.cli import app; sys.argv = ['covshift'] + sys.argv[1:]; app()")
     done = subprocess.run([sys.executable, "-c", script, "trace", str(model), "--only", "nobn", "--out",
                            str(tmp_path / "out")], capture_output=True, text=True, env=ENV, timeout=300)

@@ -5,11 +5,14 @@ and ``stride`` alone; others as an int64 array. Layer metrics are stored as floa
 relative precision of 6e-8, finer than the float32 statistics they come from); run metrics
 (loss, learning rates, validation) and the per-unit means and variances of detail steps
 (they are few, and the covariate-shift measures difference them) as float64. Histogram
-counts are int32.
+counts are int32. Values are stored byte-shuffled (all first bytes, then all second bytes,
+...) and zlib-compressed: a series of statistics changes slowly, so its high bytes repeat,
+and the chunk shrinks to about 60% of its raw size.
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,8 +43,8 @@ def encode(steps: np.ndarray, values: np.ndarray, dtype: str) -> Chunk:
     gaps = np.diff(steps)
     stride = int(gaps[0]) if count > 1 else 1
     if count > 1 and not (stride > 0 and np.all(gaps == stride)):
-        return Chunk(first, count, None, steps.astype("<i8").tobytes(), dtype, values.astype(dtype).tobytes())
-    return Chunk(first, count, stride, None, dtype, values.astype(dtype).tobytes())
+        return Chunk(first, count, None, steps.astype("<i8").tobytes(), dtype, compress(values, dtype))
+    return Chunk(first, count, stride, None, dtype, compress(values, dtype))
 
 
 def decode_steps(first: int, count: int, stride: int | None, steps: bytes | None) -> np.ndarray:
@@ -50,8 +53,18 @@ def decode_steps(first: int, count: int, stride: int | None, steps: bytes | None
     return first + (stride or 1) * np.arange(count, dtype=np.int64)
 
 
+def compress(values: np.ndarray, dtype: str) -> bytes:
+    """``values`` as ``dtype``, byte-shuffled and zlib-compressed."""
+    raw = np.ascontiguousarray(values, dtype=dtype)
+    planes = raw.view(np.uint8).reshape(len(raw), raw.itemsize).T
+    return zlib.compress(np.ascontiguousarray(planes).tobytes(), 1)
+
+
 def decode_values(dtype: str, vals: bytes) -> np.ndarray:
-    return np.frombuffer(vals, dtype=dtype).astype(np.float64)
+    """The float64 values of a :func:`compress`-ed chunk."""
+    size = np.dtype(dtype).itemsize
+    planes = np.frombuffer(zlib.decompress(vals), dtype=np.uint8).reshape(size, -1)
+    return np.ascontiguousarray(planes.T).view(dtype).reshape(-1).astype(np.float64)
 
 
 def pack(values: np.ndarray, dtype: str) -> bytes:

@@ -258,12 +258,7 @@ def _decode(rows: list[tuple[Any, ...]], counts: np.ndarray) -> tuple[np.ndarray
     for k, r in enumerate(rows):
         if r[6] is not None:
             steps[starts[k]:starts[k] + counts[k]] = chunks.decode_steps(r[3], r[4], r[5], r[6])
-    values = np.empty(len(steps))
-    dtypes = [r[7] for r in rows]
-    for dtype in set(dtypes):
-        mine = np.array([d == dtype for d in dtypes])
-        joined = b"".join(r[8] for r, m in zip(rows, mine) if m)
-        values[np.repeat(mine, counts)] = chunks.decode_values(dtype, joined)
+    values = np.concatenate([chunks.decode_values(r[7], r[8]) for r in rows])
     return steps, values
 
 

@@ -32,11 +32,13 @@ TABLES = [
     "metric_id INTEGER NOT NULL, part INTEGER NOT NULL, first INTEGER NOT NULL, count INTEGER NOT NULL, "
     "stride INTEGER, steps BLOB, dtype TEXT NOT NULL, vals BLOB NOT NULL, "
     "PRIMARY KEY (run_id, layer_id, metric_id, part)) WITHOUT ROWID",
+    # rowid tables: their rows of a few KB stay on one page (WITHOUT ROWID spills them)
     "CREATE TABLE IF NOT EXISTS units (run_id INTEGER NOT NULL, layer_id INTEGER NOT NULL, "
-    "step INTEGER NOT NULL, mean BLOB NOT NULL, var BLOB NOT NULL, PRIMARY KEY (run_id, layer_id, step)) "
-    "WITHOUT ROWID",
+    "step INTEGER NOT NULL, mean BLOB NOT NULL, var BLOB NOT NULL)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS units_key ON units (run_id, layer_id, step)",
     "CREATE TABLE IF NOT EXISTS histograms (run_id INTEGER NOT NULL, layer_id INTEGER NOT NULL, "
-    "step INTEGER NOT NULL, counts BLOB NOT NULL, PRIMARY KEY (run_id, layer_id, step)) WITHOUT ROWID",
+    "step INTEGER NOT NULL, counts BLOB NOT NULL)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS histograms_key ON histograms (run_id, layer_id, step)",
 ]
 DATA_TABLES = ("series", "units", "histograms", "layers")
 
@@ -117,7 +119,8 @@ def create_or_check(conn: sqlite3.Connection, path: str, version: str) -> None:
             check_identity(conn, path, writing=True)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # SQLite may have rolled back itself (a full disk)
+            conn.execute("ROLLBACK")
         raise
     if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] != "wal":
         raise TraceError(f"cannot write {path}: the file system does not support SQLite's WAL mode")
