@@ -2,13 +2,12 @@
 
 Hooks leave small device tensors (shifted sums, a subsample, per-unit maxima, gradient
 sums of squares). :class:`StepRecord` holds them for one step without reading them;
-:func:`fetch` moves every pending record to the host in one transfer per dtype and
-:meth:`StepRecord.rows` turns each into finished metrics in float64.
+:func:`fetch` moves every pending record to the host in one transfer per dtype, and
+:func:`covshift.columns.columns` turns a flush's records into finished metrics in float64.
 """
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -53,11 +52,10 @@ def fetch(groups: list[Slots]) -> None:
         if flat.dtype == torch.bfloat16:  # numpy has no bfloat16
             flat = flat.float()
         values = flat.numpy()
-        start = 0
-        for (slots, i), part in zip(members, parts):
-            chunk = values[start : start + part.numel()]
-            slots.host[i] = chunk if i in slots.raw else chunk.astype(np.float64)
-            start += part.numel()
+        wide = values.astype(np.float64)  # one conversion; every slot is a view into it or ``values``
+        ends = np.cumsum([part.numel() for part in parts]).tolist()
+        for (slots, i), start, end in zip(members, [0, *ends], ends):
+            slots.host[i] = (values if i in slots.raw else wide)[start:end]
     for slots in groups:
         slots.tensors = []
 
@@ -102,32 +100,6 @@ class StepRecord:
         if found is None:
             found = self.layers[layer] = LayerStep()
         return found
-
-    def rows(self) -> list[tuple[str, str, float]]:
-        """``(layer, metric, value)`` rows of a fetched and summarised record. A value that
-        cannot be computed (an update ratio of a zero weight) has no row."""
-        out: list[tuple[str, str, float]] = []
-        for name, ls in self.layers.items():
-            out += [(name, metric, value) for metric, value in layer_metrics(ls, self.slots)]
-        get = self.slots.get
-        gnorm = get(self.grad_norms) if self.grad_norms is not None else np.empty(0)
-        grad_of = dict(zip(self.grad_params, gnorm))
-        if self.weight_norms is not None:
-            wn = get(self.weight_norms)
-            upd = get(self.update_norms) if self.update_norms is not None else None
-            prev = get(self.prev_norms) if self.prev_norms is not None else None
-            for j, (layer, attr, p) in enumerate(self.tracked):
-                if p in grad_of:
-                    out.append((layer, f"{attr}.grad_norm", float(grad_of[p])))
-                out.append((layer, f"{attr}.norm", float(wn[j])))
-                if upd is not None and prev is not None and prev[j] > 0:
-                    out.append((layer, f"{attr}.update_ratio", float(upd[j] / prev[j])))
-        if self.loss is not None:
-            out.append(("", "loss", float(get(self.loss)[0])))
-        out += [("", "lr" if group == 0 else f"lr.{group}", float(get(h)[0])) for group, h in self.lrs]
-        if len(gnorm):
-            out.append(("", "grad_norm", float(np.sqrt(np.sum(gnorm**2)))))
-        return out
 
     def unit_rows(self) -> list[tuple[str, int, float, float]]:
         """``(layer, unit, mean, var)`` rows for a detail step. A module whose calls differ
@@ -202,40 +174,3 @@ def unit_parts(ls: LayerStep, slots: Slots) -> list[np.ndarray]:
     none or the calls differ in their number of units."""
     parts = [slots.get(h).reshape(3, -1) for h in ls.units]
     return parts if len({p.shape for p in parts}) == 1 else []
-
-
-def layer_metrics(ls: LayerStep, slots: Slots) -> list[tuple[str, float]]:
-    """The finished layer metrics of one step, merging every call of the module exactly."""
-    out: list[tuple[str, float]] = []
-    if ls.moments:
-        merged = (0, 0.0, 0.0)
-        lows, highs = [], []
-        for n, handle in ls.moments:
-            c, s1, s2, lo, hi = slots.get(handle)
-            mean, m2 = stats.finish_moments(n, c, s1, s2)
-            merged = stats.merge_moments(merged, (n, mean, m2))
-            lows.append(lo)
-            highs.append(hi)
-        total, mean, m2 = merged
-        var = m2 / total
-        lo, hi = float(np.min(lows)), float(np.max(highs))
-        out += [("mean", mean), ("var", var), ("std", math.sqrt(var) if var == var else var)]
-        out += [("min", lo), ("max", hi)]
-        p15, p50, p85, sat, gain, bad = ls.summary
-        out += [("p15", p15), ("p50", p50), ("p85", p85)]
-        if ls.derivative:
-            out += [("saturation", sat), ("gain", gain)]
-        maxima = [slots.get(h) for h in ls.maxima]
-        if maxima and len({m.shape for m in maxima}) == 1:
-            out.append(("dead", float(np.sum(np.maximum.reduce(maxima) <= 0))))
-        # exact when every call was sampled whole; zero exactly when min and max are finite
-        finite = math.isfinite(lo) and math.isfinite(hi)
-        out.append(("nonfinite", 0.0 if finite else float(max(round(bad * total), 1))))
-        out.append(("calls", ls.calls))
-    if unit_parts(ls, slots):  # detail steps: the sample size behind each unit's mean and variance
-        out.append(("unit_count", sum(ls.unit_counts)))
-    if ls.grads:
-        sumsq = sum(float(slots.get(h)[0]) for _, h in ls.grads)
-        count = sum(n for n, _ in ls.grads)
-        out += [("grad_norm", math.sqrt(sumsq)), ("grad_rms", math.sqrt(sumsq / count))]
-    return [(m, float(v)) for m, v in out]

@@ -35,6 +35,7 @@ class Batch:
     scalars: list[tuple[int, str, str, float]] = field(default_factory=list)
     units: list[tuple[int, str, int, float, float]] = field(default_factory=list)
     hists: list[tuple[int, str, np.ndarray]] = field(default_factory=list)
+    columns: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     @property
     def steps(self) -> int:
@@ -79,7 +80,8 @@ class Saver:
             pending = self.unsaved[0]
             try:
                 self.writer.write(self.run_id, pending.scalars, pending.units, pending.hists,
-                                  saved=(pending.first, pending.last), layers=pending.layers)
+                                  saved=(pending.first, pending.last), layers=pending.layers,
+                                  columns=pending.columns)
             except RunReplaced as e:
                 self._fail(e, f"covshift stopped recording run {self.run!r}: {e}")
                 self.stopped = True

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import stats
 from .layers import ROOT, calls_children_functionally, first_tensor, functional_candidates, select_layers
 from .records import Slots, StepRecord, fetch, summarize
+from .columns import columns
 from .saving import Batch, Saver
 
 __all__ = ["ROOT", "Tracer", "first_tensor", "select_layers"]
@@ -389,11 +390,11 @@ class Tracer:
         steps = [r.step for r in records] + [row[0] for row in rows]
         batch = Batch(min(steps), max(steps))
         batch.scalars = [(step, layer, name, float(logged.get(h)[0])) for step, layer, name, h in rows]
+        batch.columns = columns(records)
         for r in records:
-            batch.scalars += [(r.step, layer, metric, value) for layer, metric, value in r.rows()]
             batch.units += [(r.step, *row) for row in r.unit_rows()]
             batch.hists += [(r.step, *row) for row in r.hist_rows(edges)]
-        batch.layers = self._layer_rows({row[1] for row in batch.scalars} - {""})
+        batch.layers = self._layer_rows(({row[1] for row in batch.scalars} | {k[0] for k in batch.columns}) - {""})
         self._saver.save(batch)
 
     def _layer_rows(self, seen: set[str]) -> list[tuple[str, str, str | None, int, list[float] | None]]:

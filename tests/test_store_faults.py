@@ -275,6 +275,33 @@ def test_processes_creating_one_new_file_at_once_all_succeed(tmp_path):
         assert sorted(trace.runs) == ["r0", "r1", "r2", "r3"]
 
 
+def _write_and_read(path: str, k: int) -> None:
+    for i in range(20):
+        writer = TraceWriter(path)
+        run = writer.add_run(f"r{k}-{i}", {})
+        writer.write(run, [(s, "", "loss", 1.0) for s in range(5)], [], [], saved=(0, 4))
+        with covshift.load(path) as trace:  # a reader in the writer's process, as covshift trace has
+            trace.series(f"r{k}-{i}", "", "loss")
+        writer.update_config(run, steps=5)
+        writer.close()
+
+
+def test_a_reader_in_a_writers_process_loses_no_commit_of_other_writers(tmp_path):
+    """Opening and closing the trace file outside SQLite (to read its header) released this
+    process's POSIX locks, SQLite's included: with three writers, some commits were lost."""
+    path = str(tmp_path / "t.covshift")
+    TraceWriter(path).close()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_and_read, args=(path, k)) for k in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    with covshift.load(path) as trace:
+        assert len(trace.runs) == 60 and all(trace.config(run).get("steps") == 5 for run in trace.runs)
+
+
 def test_run_ids_are_never_reused(tmp_path):
     path = tmp_path / "t.covshift"
     writer = TraceWriter(path)

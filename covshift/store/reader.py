@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import chunks
-from .schema import RUN_LAYER, TraceError, check_identity, inspect_file, quick_check, read_uri
+from .schema import RUN_LAYER, TraceError, check_identity, check_size, quick_check, read_uri
 
 _MAX_PARAMS = 900  # stay below SQLite's oldest limit on bound parameters
 
@@ -44,7 +44,8 @@ def _connect(path: str) -> sqlite3.Connection:
         except sqlite3.Error:
             raise TraceError(f"cannot open {path} ({e})") from None
     except sqlite3.DatabaseError as e:
-        raise TraceError(f"{path} is corrupt ({e})") from None
+        kind = "corrupt" if "malformed" in str(e) else "not a covshift trace"
+        raise TraceError(f"{path} is {kind} ({e})") from None
 
 
 def _names(values: Any) -> list[str] | None:
@@ -67,10 +68,11 @@ class Trace:
         self.path = os.fspath(path)
         if not os.path.isfile(self.path):
             raise TraceError(f"no trace file at {self.path}")
-        inspect_file(self.path)
+        check_size(self.path)
         self._conn = _connect(self.path)
         try:
             check_identity(self._conn, self.path)
+            check_size(self.path, self._conn)
             quick_check(self._conn, self.path)
         except BaseException:
             self._conn.close()

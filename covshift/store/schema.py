@@ -48,24 +48,27 @@ class TraceError(Exception):
     version, or that cannot be written."""
 
 
-def inspect_file(path: str) -> None:
-    """Check what can be checked without SQLite: an empty file, another format, or a file
-    shorter than its header says (truncated)."""
+def check_size(path: str, conn: sqlite3.Connection | None = None) -> None:
+    """An empty file, or (given a connection) a file shorter than its pages: truncated.
+
+    Only ``os.stat`` and SQLite touch the file: opening and closing it here would release
+    every POSIX lock this process holds on it, SQLite's included, and let two writers in.
+    """
     size = os.path.getsize(path)
     if size == 0:
         raise TraceError(f"{path} is empty (0 bytes): not a covshift trace")
-    with open(path, "rb") as f:
-        header = f.read(100)
-    if not header.startswith(b"SQLite format 3\x00"):
-        raise TraceError(f"{path} is not a covshift trace (not an SQLite file)")
-    if len(header) < 100:
-        raise TraceError(f"{path} is corrupt (truncated to {size} bytes)")
-    page_size = int.from_bytes(header[16:18], "big")
-    page_size = 65536 if page_size == 1 else page_size
-    pages = int.from_bytes(header[28:32], "big")
-    valid = header[24:28] == header[92:96]  # the page count is valid for this change counter
-    if page_size < 512 or size % page_size or (valid and pages * page_size > size):
-        raise TraceError(f"{path} is corrupt (truncated: {size} bytes, the header describes "
+    if conn is None:
+        return
+    wal = path + "-wal"
+    if os.path.exists(wal) and os.path.getsize(wal) > 0:
+        return  # pages still in the write-ahead log: the main file may be shorter; quick_check decides
+    try:
+        page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    except sqlite3.DatabaseError as e:
+        raise TraceError(f"{path} is not a covshift trace ({e})") from None
+    if size % page_size or pages * page_size > size:
+        raise TraceError(f"{path} is corrupt (truncated: {size} bytes, the file describes "
                          f"{pages} pages of {page_size} bytes)")
 
 
@@ -103,7 +106,8 @@ def quick_check(conn: sqlite3.Connection, path: str) -> None:
 def create_or_check(conn: sqlite3.Connection, path: str, version: str) -> None:
     """Give a new file the schema, or check an existing one, in one immediate transaction:
     processes creating the same file at once see either nothing or the whole schema."""
-    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect only on an empty file
+    if os.path.getsize(path) == 0:
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # a setting until the first table is made
     conn.execute("BEGIN IMMEDIATE")
     try:
         empty = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from . import chunks
-from .schema import DATA_TABLES, RUN_LAYER, TraceError, create_or_check, inspect_file
+from .schema import DATA_TABLES, RUN_LAYER, TraceError, check_size, create_or_check
 
 #: How long a writer waits for another writer's transaction (a sweep's workers share a file).
 BUSY_TIMEOUT_S = 60
@@ -47,18 +47,19 @@ class TraceWriter:
             target.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise TraceError(f"cannot create the folder of the trace {self.path} ({describe(e)})") from None
-        if target.is_file() and target.stat().st_size > 0:
-            inspect_file(self.path)
         try:
             self.conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-            self.conn.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash of the program loses nothing committed
         except sqlite3.Error as e:
             raise TraceError(f"cannot write the trace {self.path} ({e})") from None
         try:
+            self.conn.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash of the program loses nothing committed
             create_or_check(self.conn, self.path, __version__)
+            check_size(self.path, self.conn)  # an existing trace is not truncated
             self._metrics = dict((name, i) for i, name in self.conn.execute("SELECT id, name FROM metrics"))
         except sqlite3.Error as e:
             self.conn.close()
+            if "malformed" in str(e):
+                raise TraceError(f"{self.path} is corrupt ({e})") from None
             raise TraceError(f"cannot write the trace {self.path} ({e})") from None
         except BaseException:
             self.conn.close()
@@ -155,18 +156,26 @@ class TraceWriter:
     def write(self, run_id: int, scalars: Iterable[tuple[int, str, str, float]],
               units: Iterable[tuple[int, str, int, float, float]],
               hists: Iterable[tuple[int, str, np.ndarray]], saved: tuple[int, int] | None = None,
-              layers: Iterable[tuple[str, str, str | None, int, Sequence[float] | None]] = ()) -> None:
+              layers: Iterable[tuple[str, str, str | None, int, Sequence[float] | None]] = (),
+              columns: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
         """Append one batch of step data in a single transaction: ``(step, layer, metric,
         value)`` rows (the empty layer name is the run itself), ``(step, layer, unit, mean,
         var)`` rows and ``(step, layer, counts)``. Layers must have been added with
         :meth:`add_layer`, or be given in ``layers`` (its arguments, registered in the same
         transaction). ``saved``, the batch's first and last step, is added to the run's
-        config ``saved_steps`` in the same transaction."""
-        series: dict[tuple[str, str], tuple[list[int], list[float]]] = defaultdict(lambda: ([], []))
+        config ``saved_steps`` in the same transaction. ``columns`` gives more values as
+        ``{(layer, metric): (steps, values)}`` arrays."""
+        series: dict[tuple[str, str], tuple[list[Any], list[Any]]] = defaultdict(lambda: ([], []))
         for step, name, metric, value in scalars:
             steps, values = series[(name, metric)]
             steps.append(step)
             values.append(value)
+        for key, (steps, values) in (columns or {}).items():
+            if key in series:  # also logged: one chunk of both
+                series[key][0].extend(np.asarray(steps).tolist())
+                series[key][1].extend(np.asarray(values).tolist())
+            else:
+                series[key] = (steps, values)
         per_unit: dict[tuple[str, int], list[tuple[int, float, float]]] = defaultdict(list)
         for step, name, unit, mean, var in units:
             per_unit[(name, step)].append((unit, mean, var))
