@@ -163,21 +163,39 @@ class Trace:
                                  for c in columns})
         counts = np.fromiter((r[4] for r in rows), np.int64, len(rows))
         steps, values = _decode(rows, counts)
+        run_names = dict(self._rows("SELECT id, name FROM runs"))
         layer_names = list(dict.fromkeys(name for name, _ in chosen.values()))
         layer_code = {name: k for k, name in enumerate(layer_names)}
-        run_names = dict(self._rows("SELECT id, name FROM runs"))
-        run_list = [run_names[i] for i in ranks]
-        metric_list = list(metric_names.values())
         metric_code = {i: k for k, i in enumerate(metric_names)}
-        per_chunk = np.array([(ranks[r[0]], layer_code[chosen[(r[0], r[1])][0]], metric_code[r[2]],
-                               chosen[(r[0], r[1])][1] + 1, r[2]) for r in rows], dtype=np.int64)
-        run_c, layer_c, metric_c, pos, mid = (np.repeat(per_chunk[:, k], counts) for k in range(5))
-        order = _order(run_c, steps, pos, mid)
-        if order is not None:
-            run_c, steps, layer_c, metric_c, values = (a[order] for a in (run_c, steps, layer_c, metric_c, values))
-        return pd.DataFrame({"run": _categorical(run_c, run_list), "step": steps,
+        # the sort key: run rank (11 bits), step (32 bits), then (position, metric id) by rank (20 bits)
+        pairs = sorted({(chosen[(r[0], r[1])][1], r[2]) for r in rows})
+        pair_rank = {pair: k for k, pair in enumerate(pairs)}
+        if len(ranks) >= 1 << 11 or len(pairs) >= 1 << 20 or steps.min() < 0 or steps.max() >= 1 << 32:
+            raise TraceError(f"{self.path} holds more runs, layers or steps than one scalars() frame can order")
+        head = np.array([ranks[r[0]] << 52 | pair_rank[(chosen[(r[0], r[1])][1], r[2])] for r in rows], np.int64)
+        key = np.repeat(head, counts)
+        np.left_shift(steps, 20, out=steps)
+        key |= steps
+        del steps
+        if not np.all(key[1:] >= key[:-1]):
+            order = np.argsort(key, kind="stable")
+            key, values = key[order], values[order]
+            del order
+        run_c = (key >> 52).astype(np.int32)
+        pair = (key & ((1 << 20) - 1)).astype(np.int32)
+        steps = (key >> 20) & ((1 << 32) - 1)
+        del key
+        # (run rank, position) -> layer code, and pair -> metric code
+        positions = np.array([pos for pos, _ in pairs], dtype=np.int64)
+        table = np.zeros((len(ranks), max(pos for _, pos in chosen.values()) + 2), dtype=np.int32)
+        for (rid, _), (name, pos) in chosen.items():
+            table[ranks[rid], pos + 1] = layer_code[name]
+        layer_c = table[run_c, positions[pair] + 1]
+        metric_c = np.array([metric_code[m] for _, m in pairs], dtype=np.int32)[pair]
+        return pd.DataFrame({"run": _categorical(run_c, [run_names[i] for i in ranks]), "step": steps,
                              "layer": _categorical(layer_c, layer_names),
-                             "metric": _categorical(metric_c, metric_list), "value": values}, copy=False)
+                             "metric": _categorical(metric_c, list(metric_names.values())), "value": values},
+                            copy=False)
 
     def series(self, run: str, layer: str, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """One metric of one layer (``""``: the run) of one run as ``(steps, values)`` arrays
@@ -262,15 +280,3 @@ def _decode(rows: list[tuple[Any, ...]], counts: np.ndarray) -> tuple[np.ndarray
             steps[starts[k]:starts[k] + counts[k]] = chunks.decode_steps(r[3], r[4], r[5], r[6])
     values = np.concatenate([chunks.decode_values(r[7], r[8]) for r in rows])
     return steps, values
-
-
-def _order(run: np.ndarray, step: np.ndarray, pos: np.ndarray, metric: np.ndarray) -> np.ndarray | None:
-    """The permutation that sorts rows by run, step, position and metric; None when they
-    are sorted already."""
-    if len(step) and (run.max() < 1 << 11 and step.min() >= 0 and step.max() < 1 << 28
-                      and pos.max() < 1 << 14 and metric.max() < 1 << 10):
-        key = (((run << 28 | step) << 14 | pos) << 10) | metric
-        if np.all(key[1:] >= key[:-1]):
-            return None
-        return np.argsort(key, kind="stable")
-    return np.lexsort((metric, pos, step, run))
