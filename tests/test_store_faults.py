@@ -117,7 +117,7 @@ def test_a_reader_holding_a_transaction_never_blocks_training(tmp_path):
     with tracer:
         for _ in range(4):
             step(tracer)
-        reader = sqlite3.connect(covshift.store.schema.read_uri(str(path)), uri=True)
+        reader = sqlite3.connect(covshift.store.schema.read_uri(str(path), "ro"), uri=True)
         reader.execute("BEGIN")
         cursor = reader.execute("SELECT * FROM series")
         cursor.fetchone()  # the read transaction stays open
@@ -129,6 +129,18 @@ def test_a_reader_holding_a_transaction_never_blocks_training(tmp_path):
         reader.close()
     ranges, steps = saved(path)
     assert ranges == [[0, 23]] and steps.tolist() == list(range(24))
+
+
+def test_a_reader_leaves_no_side_files_and_cannot_write(tmp_path):
+    path = tmp_path / "t.covshift"
+    tracer, step = tiny_tracer(path)
+    with tracer:
+        step(tracer)
+    with covshift.load(path) as trace:
+        assert len(trace.series("run", "", "loss")[0]) == 1
+        with pytest.raises(sqlite3.OperationalError, match="readonly"):
+            trace._conn.execute("DELETE FROM runs")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.covshift"]
 
 
 def test_a_live_trace_reads_while_it_is_written(tmp_path):

@@ -28,24 +28,31 @@ def load(path: str | os.PathLike[str]) -> Trace:
 
 
 def _connect(path: str) -> sqlite3.Connection:
-    """A read-only connection; ``immutable`` where the folder does not allow the -shm file
-    a WAL reader needs (a trace with no writer and no -wal file)."""
-    try:
-        conn = sqlite3.connect(read_uri(path), uri=True)
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        return conn
-    except sqlite3.OperationalError as e:
-        if os.path.exists(path + "-wal"):
-            raise TraceError(f"cannot open {path} ({e})") from None
+    """A connection that cannot change the trace (``query_only``). It is opened read-write
+    where the file allows it, so that the last connection to close checkpoints the WAL and
+    removes its side files; else read-only; else ``immutable`` (a folder where the -shm file
+    a WAL reader needs cannot be made, and no -wal file)."""
+    first: sqlite3.Error | None = None
+    for mode in ("rw", "ro", "immutable"):
+        if mode == "immutable" and os.path.exists(path + "-wal"):
+            break
         try:
-            conn = sqlite3.connect(read_uri(path, immutable=True), uri=True)
+            conn = sqlite3.connect(read_uri(path, mode), uri=True)
+        except sqlite3.OperationalError as e:
+            first = first or e
+            continue
+        try:
+            conn.execute("PRAGMA query_only = ON")
             conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
             return conn
-        except sqlite3.Error:
-            raise TraceError(f"cannot open {path} ({e})") from None
-    except sqlite3.DatabaseError as e:
-        kind = "corrupt" if "malformed" in str(e) else "not a covshift trace"
-        raise TraceError(f"{path} is {kind} ({e})") from None
+        except sqlite3.OperationalError as e:
+            conn.close()
+            first = first or e
+        except sqlite3.DatabaseError as e:
+            conn.close()
+            kind = "corrupt" if "malformed" in str(e) else "not a covshift trace"
+            raise TraceError(f"{path} is {kind} ({e})") from None
+    raise TraceError(f"cannot open {path} ({first})")
 
 
 def _names(values: Any) -> list[str] | None:

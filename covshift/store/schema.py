@@ -130,6 +130,8 @@ def create_or_check(conn: sqlite3.Connection, path: str, version: str) -> None:
         raise TraceError(f"cannot write {path}: the file system does not support SQLite's WAL mode")
 
 
-def read_uri(path: str, immutable: bool = False) -> str:
-    """The URI that opens ``path`` read-only (``immutable`` where no -shm file can be made)."""
-    return Path(path).resolve().as_uri() + ("?immutable=1" if immutable else "?mode=ro")
+def read_uri(path: str, mode: str = "rw") -> str:
+    """The URI that opens ``path`` without creating it: ``rw`` (a reader that can clean up the
+    WAL's side files when it is the last connection), ``ro``, or ``immutable`` (where no
+    -shm file can be made)."""
+    return Path(path).resolve().as_uri() + ("?immutable=1" if mode == "immutable" else f"?mode={mode}")
