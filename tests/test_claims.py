@@ -153,6 +153,19 @@ def test_pairing_by_role_not_by_name():
     assert set(table["kind"]) == {"weighted", "nonlinearity", "input"}
 
 
+def test_hugging_face_conv1d_is_a_weighted_layer():
+    """GPT-2's c_fc (a transformers Conv1D) is paired with its BatchNorm-run twin; it used to
+    be missing from the Linear/Conv roles, leaving only lm_head."""
+    bn = [("h.0.mlp.c_fc", "Conv1D", None), ("h.0.mlp.c_fc_bn", "BatchNormLastDim", None),
+          ("h.0.mlp.act", "NewGELUActivation", "gelu_tanh"), ("h.0.mlp.c_proj", "Conv1D", None), ("lm_head", "Linear", None)]
+    nobn = [r for r in bn if r[1] != "BatchNormLastDim"]
+    info = pd.DataFrame([("b", *r) for r in bn] + [("n", *r) for r in nobn], columns=["run", "layer", "type", "nonlinearity"])
+    table = pairs(info, "b", "n").set_index("role")
+    assert table.loc[["Linear/Conv 1", "Linear/Conv 2", "Linear/Conv 3"], "nobn"].tolist() == \
+        ["h.0.mlp.c_fc", "h.0.mlp.c_proj", "lm_head"]
+    assert table.loc["input to nonlinearity 1", ["bn", "nobn"]].tolist() == ["h.0.mlp.c_fc_bn", "h.0.mlp.c_fc"]
+
+
 def test_identical_variants_over_three_seeds_get_no_supported_verdict(tmp_path):
     """The null check: build_model ignores its flag, so bn and nobn are the same runs."""
     result = CliRunner().invoke(app, ["trace", str(ROOT / "tests" / "models" / "identical_pair.py"),

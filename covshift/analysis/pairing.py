@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import pandas as pd
 
+# Conv1D: Hugging Face's Linear with a transposed weight (GPT-2's c_attn, c_proj, c_fc)
 WEIGHTED = {"Linear", "LazyLinear", "Bilinear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d",
-            "ConvTranspose2d", "ConvTranspose3d"}
+            "ConvTranspose2d", "ConvTranspose3d", "Conv1D"}
 ACTIVATIONS = {"ReLU", "ReLU6", "LeakyReLU", "PReLU", "ELU", "SELU", "CELU", "GELU", "SiLU", "Mish", "Sigmoid",
                "Tanh", "Softsign", "Softplus", "Hardtanh", "Hardsigmoid", "Hardswish", "Tanhshrink", "LogSigmoid"}
 COLUMNS = ["role", "kind", "index", "bn", "nobn"]
