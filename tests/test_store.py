@@ -211,3 +211,18 @@ def test_a_removed_run_can_be_written_again_by_the_same_writer(tmp_path):
     with covshift.load(path) as trace:
         assert trace.layer_info()["type"].tolist() == ["Tanh"]
         assert trace.scalars()[["layer", "value"]].values.tolist() == [["0", 0.5]]
+
+
+def test_a_run_can_be_appended_to_by_a_second_writer(tmp_path):
+    """Chunks are numbered per run from what the file holds, not per writer."""
+    path = tmp_path / "t.covshift"
+    first = TraceWriter(path)
+    run = first.add_run("r", {})
+    first.write(run, [(0, "", "loss", 1.0)], [], [])
+    first.close()
+    second = TraceWriter(path)
+    second.write(run, [(1, "", "loss", 0.5)], [], [])
+    second.close()
+    with covshift.load(path) as trace:
+        steps, values = trace.series("r", "", "loss")
+    assert steps.tolist() == [0, 1] and values.tolist() == [1.0, 0.5]

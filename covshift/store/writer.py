@@ -65,7 +65,7 @@ class TraceWriter:
             self.conn.close()
             raise
         self._layers: dict[tuple[int, str], int] = {}
-        self._part = 0
+        self._parts: dict[int, int] = {}  # run id -> the last part written
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self.conn)
@@ -185,12 +185,15 @@ class TraceWriter:
                 self._register(run_id, *args)
             layer = {name: i for (rid, name), i in self._layers.items() if rid == run_id}
             layer[""] = RUN_LAYER
-            self._part += 1
+            if run_id not in self._parts:  # another writer may have written this run before
+                self._parts[run_id] = self.conn.execute(
+                    "SELECT COALESCE(MAX(part), 0) FROM series WHERE run_id = ?", (run_id,)).fetchone()[0]
+            self._parts[run_id] += 1
             rows = []
             for (name, metric), (steps, values) in series.items():
                 dtype = chunks.RUN_DTYPE if name == "" else chunks.LAYER_DTYPE
                 c = chunks.encode(np.asarray(steps), np.asarray(values, dtype=np.float64), dtype)
-                rows.append((run_id, layer[name], self._metric_id(metric), self._part, c.first, c.count, c.stride,
+                rows.append((run_id, layer[name], self._metric_id(metric), self._parts[run_id], c.first, c.count, c.stride,
                              c.steps, c.dtype, c.vals))
             self.conn.executemany("INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.conn.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?)", [
