@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
@@ -57,6 +58,17 @@ def _connect(path: str) -> sqlite3.Connection:
 
 def _names(values: Any) -> list[str] | None:
     return None if values is None else [values] if isinstance(values, str) else list(values)
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """What a read selects: ``ranks`` {run id: rank}, ``chosen`` {(run id, layer id):
+    (layer name, position)}, and the names of both, in rank and first-seen order."""
+
+    ranks: dict[int, int]
+    chosen: dict[tuple[int, int], tuple[str, int]]
+    run_names: list[str]
+    layer_names: list[str]
 
 
 def _categorical(codes: np.ndarray, names: list[str]) -> pd.Categorical:
@@ -125,17 +137,18 @@ class Trace:
             raise KeyError(f"no run {run!r} in {self.path}; runs: {', '.join(self.runs) or 'none'}")
         return json.loads(rows[0][0])
 
-    def _selection(self, run: Any, layer: Any) -> tuple[dict[int, int], dict[tuple[int, int], tuple[str, int]]]:
-        """``{run id: rank}`` of the selected runs and ``{(run id, layer id): (name,
-        position)}`` of their selected layers, the run itself as layer ``""``."""
+    def _selection(self, run: Any, layer: Any) -> _Selection:
+        """The selected runs and their selected layers, the run itself as layer ``""``."""
         runs, layers = _names(run), _names(layer)
-        ids = [i for i, name in self._rows("SELECT id, name FROM runs ORDER BY id") if runs is None or name in runs]
-        ranks = {i: k for k, i in enumerate(ids)}
+        picked = [(i, name) for i, name in self._rows("SELECT id, name FROM runs ORDER BY id")
+                  if runs is None or name in runs]
+        ranks = {i: k for k, (i, _) in enumerate(picked)}
         chosen = {(rid, RUN_LAYER): ("", -1) for rid in ranks if layers is None or "" in layers}
         for lid, rid, name, pos in self._rows("SELECT id, run_id, name, position FROM layers"):
             if rid in ranks and (layers is None or name in layers):
                 chosen[(rid, lid)] = (name, pos)
-        return ranks, chosen
+        return _Selection(ranks, chosen, [name for _, name in picked],
+                          list(dict.fromkeys(name for name, _ in chosen.values())))
 
     def _metric_ids(self, metric: Any) -> dict[int, str]:
         names = _names(metric)
@@ -159,7 +172,8 @@ class Trace:
 
         >>> trace.scalars(run="bn", metric=["mean", "std"])  # doctest: +SKIP
         """
-        ranks, chosen = self._selection(run, layer)
+        sel = self._selection(run, layer)
+        ranks, chosen = sel.ranks, sel.chosen
         metric_names = self._metric_ids(metric)
         rows = [r for r in self._chunks("series", "metric_id, first, count, stride, steps, dtype, vals", ranks,
                                         [lid for _, lid in chosen], list(metric_names))
@@ -170,9 +184,7 @@ class Trace:
                                  for c in columns})
         counts = np.fromiter((r[4] for r in rows), np.int64, len(rows))
         steps, values = _decode(rows, counts)
-        run_names = dict(self._rows("SELECT id, name FROM runs"))
-        layer_names = list(dict.fromkeys(name for name, _ in chosen.values()))
-        layer_code = {name: k for k, name in enumerate(layer_names)}
+        layer_code = {name: k for k, name in enumerate(sel.layer_names)}
         metric_code = {i: k for k, i in enumerate(metric_names)}
         # the sort key: run rank (11 bits), step (32 bits), then (position, metric id) by rank (20 bits)
         pairs = sorted({(chosen[(r[0], r[1])][1], r[2]) for r in rows})
@@ -199,8 +211,8 @@ class Trace:
             table[ranks[rid], pos + 1] = layer_code[name]
         layer_c = table[run_c, positions[pair] + 1]
         metric_c = np.array([metric_code[m] for _, m in pairs], dtype=np.int32)[pair]
-        return pd.DataFrame({"run": _categorical(run_c, [run_names[i] for i in ranks]), "step": steps,
-                             "layer": _categorical(layer_c, layer_names),
+        return pd.DataFrame({"run": _categorical(run_c, sel.run_names), "step": steps,
+                             "layer": _categorical(layer_c, sel.layer_names),
                              "metric": _categorical(metric_c, list(metric_names.values())), "value": values},
                             copy=False)
 
@@ -210,7 +222,8 @@ class Trace:
 
         >>> steps, loss = trace.series("bn", "", "loss")  # doctest: +SKIP
         """
-        ranks, chosen = self._selection(run, layer)
+        sel = self._selection(run, layer)
+        ranks, chosen = sel.ranks, sel.chosen
         metric_ids = list(self._metric_ids(metric))
         if not ranks:
             raise KeyError(f"no run {run!r} in {self.path}; runs: {', '.join(self.runs) or 'none'}")
@@ -226,11 +239,11 @@ class Trace:
     # detail steps ------------------------------------------------------------------------
     def units(self, run: Any = None, layer: Any = None) -> pd.DataFrame:
         """Per-unit (per-channel) statistics at detail steps: ``run, step, layer, unit, mean, var``."""
-        ranks, chosen = self._selection(run, layer)
-        rows = self._blocks("units", "step, mean, var", ranks, chosen)
+        sel = self._selection(run, layer)
+        rows = self._blocks("units", "step, mean, var", sel)
         means = [chunks.unpack(r[3], chunks.UNIT_DTYPE) for r in rows]
         sizes = np.array([len(m) for m in means], dtype=np.int64)
-        frame = self._block_frame(rows, chosen, ranks, sizes)
+        frame = self._block_frame(rows, sel, sizes)
         frame["unit"] = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         frame["mean"] = np.concatenate(means).astype(np.float64) if rows else np.empty(0)
         frame["var"] = (np.concatenate([chunks.unpack(r[4], chunks.UNIT_DTYPE) for r in rows]).astype(np.float64)
@@ -240,11 +253,11 @@ class Trace:
     def histograms(self, run: Any = None, layer: Any = None) -> pd.DataFrame:
         """Histograms at detail steps: ``run, step, layer, bin, left, right, count``. Bin 0
         counts values below the first edge (left = -inf), the last bin those above the last."""
-        ranks, chosen = self._selection(run, layer)
-        rows = self._blocks("histograms", "step, counts", ranks, chosen)
+        sel = self._selection(run, layer)
+        rows = self._blocks("histograms", "step, counts", sel)
         counts = [chunks.unpack(r[3], "<i4") for r in rows]
         sizes = np.array([len(c) for c in counts], dtype=np.int64)
-        frame = self._block_frame(rows, chosen, ranks, sizes)
+        frame = self._block_frame(rows, sel, sizes)
         bins = np.arange(sizes.sum()) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         edges = {lid: np.concatenate([[-np.inf], chunks.unpack(blob, "<f8") if blob else [], [np.inf]])
                  for lid, blob in self._rows("SELECT id, edges FROM layers")}
@@ -255,23 +268,20 @@ class Trace:
         frame["count"] = np.concatenate(counts).astype(np.int64) if rows else np.empty(0, dtype=np.int64)
         return frame
 
-    def _blocks(self, table: str, columns: str, ranks: dict[int, int],
-                chosen: dict[tuple[int, int], tuple[str, int]]) -> list[tuple[Any, ...]]:
+    def _blocks(self, table: str, columns: str, sel: _Selection) -> list[tuple[Any, ...]]:
         """A detail table's rows of the selected layers, ordered by run, step and position."""
-        rows = [r for r in self._chunks(table, columns, ranks, [lid for _, lid in chosen]) if (r[0], r[1]) in chosen]
-        return sorted(rows, key=lambda r: (ranks[r[0]], r[2], chosen[(r[0], r[1])][1]))
+        rows = [r for r in self._chunks(table, columns, sel.ranks, [lid for _, lid in sel.chosen])
+                if (r[0], r[1]) in sel.chosen]
+        return sorted(rows, key=lambda r: (sel.ranks[r[0]], r[2], sel.chosen[(r[0], r[1])][1]))
 
-    def _block_frame(self, rows: list[tuple[Any, ...]], chosen: dict[tuple[int, int], tuple[str, int]],
-                     ranks: dict[int, int], sizes: np.ndarray) -> pd.DataFrame:
-        run_names = dict(self._rows("SELECT id, name FROM runs"))
-        run_list = [run_names[i] for i in ranks]
-        layer_names = list(dict.fromkeys(name for name, _ in chosen.values()))
-        code = {name: k for k, name in enumerate(layer_names)}
-        run_c = np.repeat(np.array([ranks[r[0]] for r in rows], dtype=np.int64), sizes)
-        layer_c = np.repeat(np.array([code[chosen[(r[0], r[1])][0]] for r in rows], dtype=np.int64), sizes)
+    @staticmethod
+    def _block_frame(rows: list[tuple[Any, ...]], sel: _Selection, sizes: np.ndarray) -> pd.DataFrame:
+        code = {name: k for k, name in enumerate(sel.layer_names)}
+        run_c = np.repeat(np.array([sel.ranks[r[0]] for r in rows], dtype=np.int64), sizes)
+        layer_c = np.repeat(np.array([code[sel.chosen[(r[0], r[1])][0]] for r in rows], dtype=np.int64), sizes)
         steps = np.repeat(np.array([r[2] for r in rows], dtype=np.int64), sizes)
-        return pd.DataFrame({"run": _categorical(run_c, run_list), "step": steps,
-                             "layer": _categorical(layer_c, layer_names)}, copy=False)
+        return pd.DataFrame({"run": _categorical(run_c, sel.run_names), "step": steps,
+                             "layer": _categorical(layer_c, sel.layer_names)}, copy=False)
 
 
 def _decode(rows: list[tuple[Any, ...]], counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
