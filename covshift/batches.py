@@ -43,9 +43,16 @@ def move(value: Any, device: torch.device) -> Any:
     return value
 
 
+def arguments(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """How a batch's inputs are passed to the model: a dict as keyword arguments, anything
+    else as the single positional argument."""
+    return ((), inputs) if isinstance(inputs, dict) else ((inputs,), {})
+
+
 def call(model: nn.Module, inputs: Any) -> Any:
     """The model's output on a batch's inputs: ``model(**inputs)`` for a dict, else ``model(inputs)``."""
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+    args, kwargs = arguments(inputs)
+    return model(*args, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_leaves
+
+from .batches import arguments
 
 #: Name given to parameters owned directly by the model itself (its qualified name is empty).
 ROOT = "(model)"
@@ -88,10 +91,10 @@ def layer_groups(model: nn.Module) -> list[tuple[str, list[str]]]:
     return groups
 
 
-def _cuda_devices(model: nn.Module, *tensors: Any) -> list[int]:
-    """CUDA device indices whose RNG a forward pass may use."""
+def _cuda_devices(model: nn.Module, *inputs: Any) -> list[int]:
+    """CUDA device indices whose RNG a forward pass may use (inputs may nest tensors)."""
     found = {t.device for t in (*model.parameters(), *model.buffers()) if t.device.type == "cuda"}
-    found |= {t.device for t in tensors if isinstance(t, Tensor) and t.device.type == "cuda"}
+    found |= {t.device for t in tree_leaves(inputs) if isinstance(t, Tensor) and t.device.type == "cuda"}
     return sorted({d.index if d.index is not None else torch.cuda.current_device() for d in found})
 
 
@@ -101,7 +104,8 @@ class _Evaluator:
     def __init__(self, model: nn.Module, loss_fn: LossFn, x: Any, y: Any) -> None:
         self.model, self.loss_fn, self.x, self.y = model, loss_fn, x, y
         self.frozen = {n: p.detach() for n, p in model.named_parameters() if not p.requires_grad}
-        self.devices = _cuda_devices(model, *(x.values() if isinstance(x, dict) else (x,)), y)
+        self.devices = _cuda_devices(model, x, y)
+        self.args, self.kwargs = arguments(x)
 
     def __call__(self, values: dict[str, Tensor], wrt: Sequence[str]) -> tuple[float, list[Tensor]]:
         """``(L, [∂L/∂values[n] for n in wrt])`` with parameters ``values`` (trainable names)."""
@@ -110,9 +114,8 @@ class _Evaluator:
             params[n].requires_grad_(True)
         params.update(self.frozen)
         buffers = {n: b.detach().clone() for n, b in self.model.named_buffers()}
-        args, kwargs = ((), self.x) if isinstance(self.x, dict) else ((self.x,), None)
         with torch.random.fork_rng(devices=self.devices), torch.enable_grad():
-            out = functional_call(self.model, (params, buffers), args, kwargs)
+            out = functional_call(self.model, (params, buffers), self.args, self.kwargs)
             loss = self.loss_fn(out, self.y)
             inputs = [params[n] for n in wrt]
             grads = torch.autograd.grad(loss, inputs, allow_unused=True) if inputs else ()

@@ -231,10 +231,14 @@ def evaluate(model: nn.Module, data: Iterable[Any], criterion: Criterion, device
         for raw in data:
             batch = to_device(raw, device)
             scored = criterion.score(batch.forward(model), batch.target)
-            total += scored.loss * len(batch)
-            count += len(batch)
+            n = len(batch)
+            total += scored.loss * n
+            count += n
             if examples is not None:  # None once a batch gave no per-example losses
-                examples = None if scored.examples is None else [*examples, scored.examples]
+                if scored.examples is None:
+                    examples = None
+                else:
+                    examples.append(scored.examples)
             classify = classify and scored.targets is not None
             if classify:
                 assert scored.predicted is not None and scored.targets is not None
