@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 SCHEMA_VERSION = 2
 #: SQLite ``application_id`` of a covshift trace (the bytes "CvSh").
@@ -103,11 +106,35 @@ def quick_check(conn: sqlite3.Connection, path: str) -> None:
         raise TraceError(f"{path} is corrupt ({result})")
 
 
+T = TypeVar("T")
+#: Bytes per page of a new trace file.
+PAGE_SIZE = 16384
+
+
+def retry_locked(action: Callable[[], T], timeout: float) -> T:
+    """``action()``, retried with a growing pause while SQLite reports the database locked
+    or busy, for at most ``timeout`` seconds: opening a file that other processes are
+    creating or switching to WAL can fail at once, without SQLite's busy handler waiting."""
+    deadline, pause = time.monotonic() + timeout, 0.005
+    while True:
+        try:
+            return action()
+        except sqlite3.OperationalError as e:
+            if not ("locked" in str(e) or "busy" in str(e)) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.25)
+
+
 def create_or_check(conn: sqlite3.Connection, path: str, version: str) -> None:
     """Give a new file the schema, or check an existing one, in one immediate transaction:
     processes creating the same file at once see either nothing or the whole schema."""
     if os.path.getsize(path) == 0:
-        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # a setting until the first table is made
+        # settings until the first table is made (page_size first): a chunk of up to
+        # saving.MERGED_STEPS float32 values stays inside its page, where 4 KB pages would
+        # spill it onto a mostly empty overflow page
+        conn.execute(f"PRAGMA page_size = {PAGE_SIZE}")
+        conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
     conn.execute("BEGIN IMMEDIATE")
     try:
         empty = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from . import chunks
-from .schema import DATA_TABLES, RUN_LAYER, TraceError, check_size, create_or_check
+from .schema import DATA_TABLES, RUN_LAYER, TraceError, check_size, create_or_check, retry_locked
 
 #: How long a writer waits for another writer's transaction (a sweep's workers share a file).
 BUSY_TIMEOUT_S = 60
@@ -52,10 +52,7 @@ class TraceWriter:
         except sqlite3.Error as e:
             raise TraceError(f"cannot write the trace {self.path} ({e})") from None
         try:
-            self.conn.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash of the program loses nothing committed
-            create_or_check(self.conn, self.path, __version__)
-            check_size(self.path, self.conn)  # an existing trace is not truncated
-            self._metrics = dict((name, i) for i, name in self.conn.execute("SELECT id, name FROM metrics"))
+            self._metrics = retry_locked(self._open, BUSY_TIMEOUT_S)
         except sqlite3.Error as e:
             self.conn.close()
             if "malformed" in str(e):
@@ -67,8 +64,15 @@ class TraceWriter:
         self._layers: dict[tuple[int, str], int] = {}
         self._parts: dict[int, int] = {}  # run id -> the last part written
 
+    def _open(self) -> dict[str, int]:
+        """Set up the connection, create or check the schema; the metric ids."""
+        self.conn.execute("PRAGMA synchronous = NORMAL")  # WAL: a crash of the program loses nothing committed
+        create_or_check(self.conn, self.path, __version__)
+        check_size(self.path, self.conn)  # an existing trace is not truncated
+        return dict((name, i) for i, name in self.conn.execute("SELECT id, name FROM metrics"))
+
     def _transaction(self) -> _Transaction:
-        return _Transaction(self.conn)
+        return _Transaction(self)
 
     def add_run(self, name: str, config: dict[str, Any], overwrite: bool = False) -> int:
         """Add a run and return its id. An existing run of that name is an error, or is
@@ -223,18 +227,25 @@ def _unit_blobs(values: list[tuple[int, float, float]]) -> tuple[bytes, bytes]:
 
 
 class _Transaction:
-    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+    """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception, and with it the
+    writer's caches of ids (metrics, layers, parts) that the transaction created."""
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
-        self.conn = conn
+    def __init__(self, writer: TraceWriter) -> None:
+        self.writer, self.conn = writer, writer.conn
 
     def __enter__(self) -> None:
+        w = self.writer
+        self.caches = (dict(w._metrics), dict(w._layers), dict(w._parts))
         self.conn.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        committed = False
         try:
             if kind is None:
                 self.conn.execute("COMMIT")
+                committed = True
         finally:
-            if self.conn.in_transaction:  # an exception, or a COMMIT that failed (a full disk)
-                self.conn.execute("ROLLBACK")
+            if not committed:  # an exception, or a COMMIT that failed (a full disk)
+                if self.conn.in_transaction:  # SQLite may have rolled back itself
+                    self.conn.execute("ROLLBACK")
+                self.writer._metrics, self.writer._layers, self.writer._parts = self.caches
