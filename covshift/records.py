@@ -1,21 +1,72 @@
-"""A step's raw device records, and their reduction to metric rows on the host.
+"""A step's raw records, and their transfer to the host in a few copies per flush.
 
-Hooks leave small device tensors (shifted sums, a subsample, per-unit maxima, gradient
-sums of squares). :class:`StepRecord` holds them for one step without reading them;
-:func:`fetch` moves every pending record to the host in one transfer per dtype, and
-:func:`covshift.columns.columns` turns a flush's records into finished metrics in float64.
+Hooks write what they record into an :class:`Arena`, preallocated buffers on the
+device (``out=`` arguments: no allocation, no concatenation later): per forward call
+the shifted sums and a subsample of the output, per gradient its sum of squares. The
+:class:`StepRecord` of a step keeps only where each call wrote. Nothing is read during
+training: :func:`gather` moves a flush's records to the host at once, one copy per
+buffer, as the :class:`Calls` arrays that :mod:`covshift.columns` turns into metrics
+with numpy. Per-step values (loss, learning rates, parameter norms) go through :class:`Slots`.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from . import stats
+
+class Arena:
+    """Preallocated 1-D buffers, one being filled per dtype and device, that hooks write
+    into; each :meth:`take` hands out the next free elements. Buffers grow by doubling,
+    and :meth:`reset` keeps the largest of each kind for the next flush.
+
+    >>> arena = Arena(8)
+    >>> buffer, offset, view = arena.take(3, torch.zeros(1))
+    >>> (buffer, offset, tuple(view.shape))
+    (0, 0, (3,))
+    """
+
+    def __init__(self, size: int = 1 << 16) -> None:
+        self.size = size
+        self.buffers: list[Tensor] = []
+        self.used: list[int] = []
+        self.current: dict[tuple[torch.dtype, torch.device], int] = {}
+
+    def take(self, n: int, like: Tensor) -> tuple[int, int, Tensor]:
+        """``(buffer, offset, view)``: ``n`` free elements of ``like``'s dtype and device."""
+        key = (like.dtype, like.device)
+        index = self.current.get(key)
+        if index is None or self.used[index] + n > self.buffers[index].numel():
+            grown = 2 * self.buffers[index].numel() if index is not None else 0
+            self.buffers.append(torch.empty(max(n, self.size, grown), dtype=like.dtype, device=like.device))
+            self.used.append(0)
+            index = self.current[key] = len(self.buffers) - 1
+        offset = self.used[index]
+        self.used[index] = offset + n
+        return index, offset, self.buffers[index][offset:offset + n]
+
+    def read(self) -> np.ndarray:
+        """The used part of every buffer on the host, end to end (one copy per buffer; on
+        the CPU a buffer is read in place): buffer ``i`` starts at ``bases()[i]``."""
+        parts = [_numpy(buffer[:used]) for buffer, used in zip(self.buffers, self.used)]
+        return parts[0] if len(parts) == 1 else np.concatenate(parts) if parts else np.empty(0, np.float32)
+
+    def bases(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.used)[:-1]]).astype(np.int64) if self.used else np.zeros(0, np.int64)
+
+    def reset(self) -> None:
+        """Forget every record, keeping the buffer being filled of each kind (the largest)."""
+        self.buffers = [self.buffers[i] for i in self.current.values()]
+        self.current = {key: i for i, key in enumerate(self.current)}
+        self.used = [0] * len(self.buffers)
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy()
 
 
 class Slots:
@@ -24,67 +75,58 @@ class Slots:
     def __init__(self) -> None:
         self.tensors: list[Tensor] = []
         self.host: list[np.ndarray] = []
-        self.raw: set[int] = set()
 
-    def put(self, t: Tensor, raw: bool = False) -> int:
-        """Keep ``t``; on the host it becomes float64, or stays in its dtype when ``raw``
-        (samples, which are only ordered and thresholded)."""
+    def put(self, t: Tensor) -> int:
+        """Keep ``t``; on the host it becomes float64."""
         self.tensors.append(t.detach().reshape(-1))
-        if raw:
-            self.raw.add(len(self.tensors) - 1)
         return len(self.tensors) - 1
 
     def get(self, handle: int) -> np.ndarray:
         return self.host[handle]
 
 
+def host(tensors: list[Tensor]) -> np.ndarray:
+    """``torch.cat`` of 1-D ``tensors`` as one numpy array on the host: one copy from the
+    device, whatever their number (tensors on several devices are moved first). Dtypes
+    are promoted as by ``torch.cat``; bfloat16 and float16 become float32."""
+    if not tensors:
+        return np.empty(0, dtype=np.float32)
+    try:
+        joined = torch.cat(tensors)
+    except RuntimeError:  # tensors on several devices
+        joined = torch.cat([t.cpu() for t in tensors])
+    return _numpy(joined)
+
+
 def fetch(groups: list[Slots]) -> None:
-    """Copy the tensors of every ``Slots`` to the host: one ``cat`` and one copy per
-    (device, dtype), so a flush costs one synchronisation however many steps it holds."""
-    by_kind: dict[tuple[torch.device, torch.dtype], list[tuple[Slots, int]]] = defaultdict(list)
+    """Copy the tensors of every ``Slots`` to the host in one transfer, as float64."""
+    members = [t for slots in groups for t in slots.tensors]
+    values = host(members).astype(np.float64)
+    bounds = np.cumsum([0] + [t.numel() for t in members]).tolist()
+    done = 0
     for slots in groups:
-        slots.host = [np.empty(0)] * len(slots.tensors)
-        for i, t in enumerate(slots.tensors):
-            by_kind[(t.device, t.dtype)].append((slots, i))
-    for members in by_kind.values():
-        parts = [s.tensors[i] for s, i in members]
-        flat = torch.cat(parts).cpu()
-        if flat.dtype == torch.bfloat16:  # numpy has no bfloat16
-            flat = flat.float()
-        values = flat.numpy()
-        wide = values.astype(np.float64)  # one conversion; every slot is a view into it or ``values``
-        ends = np.cumsum([part.numel() for part in parts]).tolist()
-        for (slots, i), start, end in zip(members, [0, *ends], ends):
-            slots.host[i] = (values if i in slots.raw else wide)[start:end]
-    for slots in groups:
+        count = len(slots.tensors)
+        slots.host = [values[bounds[i]:bounds[i + 1]] for i in range(done, done + count)]
         slots.tensors = []
-
-
-@dataclass
-class LayerStep:
-    """What one layer left during one step; ints are host values, others are handles."""
-
-    moments: list[tuple[int, int]] = field(default_factory=list)  # (numel, moments) of each call
-    samples: list[int] = field(default_factory=list)  # the subsample of each call
-    inputs: list[int] = field(default_factory=list)  # the input subsample of each call (GELU, SiLU)
-    calls: int = 0  # calls recorded in the step
-    maxima: list[int] = field(default_factory=list)  # per-unit maxima of each call (ReLU family)
-    pooled: np.ndarray | None = None  # the calls' samples pooled, set by summarize
-    summary: np.ndarray | None = None  # sample_stats of ``pooled``, set by summarize
-    derivative: bool = False  # whether ``summary`` has saturation and gain, set by summarize
-    grads: list[tuple[int, int]] = field(default_factory=list)  # (numel, sum of squares)
-    units: list[int] = field(default_factory=list)  # unit_sums, one per call
-    unit_counts: list[int] = field(default_factory=list)  # elements per unit, one per call
+        done += count
 
 
 @dataclass
 class StepRecord:
-    """Everything one step recorded, until it is flushed."""
+    """Everything one step recorded, until it is flushed. Per forward call ``(layer index,
+    output size, sample buffer, sample offset, sample length, moments buffer, moments
+    offset)`` into the :class:`Arena`, where ``[c, S1, S2, min, max]``
+    (:func:`covshift.stats.moments`) and the sample were written; per gradient of an
+    output ``(layer index, size, buffer, offset)`` of its sum of squares."""
 
     step: int
     detail: bool = False  # a detail step: per-unit statistics and histograms
+    calls: list[tuple[int, int, int, int, int, int, int]] = field(default_factory=list)
+    inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # call -> input sample (GELU, SiLU)
+    maxima: dict[int, Tensor] = field(default_factory=dict)  # call -> per-unit maxima (ReLU family)
+    units: dict[int, Tensor] = field(default_factory=dict)  # call -> unit sums (3 × units), detail steps
+    grads: list[tuple[int, int, int, int]] = field(default_factory=list)
     slots: Slots = field(default_factory=Slots)
-    layers: dict[str, LayerStep] = field(default_factory=dict)
     loss: int | None = None
     lrs: list[tuple[int, int]] = field(default_factory=list)  # (param group, lr) at optimizer.step()
     grad_params: list[int] = field(default_factory=list)  # indices of params that had a grad
@@ -94,48 +136,71 @@ class StepRecord:
     update_norms: int | None = None
     prev_norms: int | None = None
 
-    def entry(self, layer: str) -> LayerStep:
-        """The layer's record of this step, created on first use."""
-        found = self.layers.get(layer)
-        if found is None:
-            found = self.layers[layer] = LayerStep()
-        return found
 
-    def unit_rows(self) -> list[tuple[str, int, float, float]]:
-        """``(layer, unit, mean, var)`` rows for a detail step. A module whose calls differ
-        in their number of units gets none."""
-        out = []
-        for name, ls in self.layers.items():
-            parts = unit_parts(ls, self.slots)
-            if not parts:
-                continue
-            merged = (0, 0.0, 0.0)
-            for count, (c, s1, s2) in zip(ls.unit_counts, parts):
-                merged = stats.merge_moments(merged, (count, c + s1 / count, np.maximum(s2 - s1 * s1 / count, 0.0)))
-            n, mean, m2 = merged
-            out += [(name, u, float(mu), float(v)) for u, (mu, v) in enumerate(zip(mean, m2 / n))]
-        return out
+@dataclass
+class Calls:
+    """The forward calls and output gradients of a flush's records, on the host. Per call
+    ``i``: ``step[i]``, ``layer[i]``, ``size[i]``, ``moments[i]`` (float64) and the sample
+    ``samples[start[i]:start[i] + length[i]]`` in the samples' dtype; ``inputs``,
+    ``maxima`` and ``units`` by call."""
+
+    step: np.ndarray
+    layer: np.ndarray
+    size: np.ndarray
+    moments: np.ndarray
+    samples: np.ndarray
+    start: np.ndarray
+    length: np.ndarray
+    inputs: dict[int, np.ndarray]
+    maxima: dict[int, np.ndarray]
+    units: dict[int, np.ndarray]
+    grad_step: np.ndarray
+    grad_layer: np.ndarray
+    grad_size: np.ndarray
+    grad_sumsq: np.ndarray
+
+    def sample(self, call: int) -> np.ndarray:
+        return self.samples[self.start[call]:self.start[call] + self.length[call]]
 
 
-    def hist_rows(self, edges: dict[str, np.ndarray]) -> list[tuple[str, np.ndarray]]:
-        """``(layer, counts)`` of the pooled samples at a detail step, with under- and
-        overflow counts at the ends."""
-        if not self.detail:
-            return []
-        return [(n, stats.histogram(ls.pooled, edges[n])) for n, ls in self.layers.items() if ls.pooled is not None]
+def _by_call(records: list[StepRecord], offsets: list[int], attr: str) -> dict[int, np.ndarray]:
+    """One of the per-call tensor dicts of ``records`` keyed by the call's index in the flush."""
+    keys, tensors = [], []
+    for rec, offset in zip(records, offsets):
+        for call, t in getattr(rec, attr).items():
+            keys.append(offset + call)
+            tensors.append(t.reshape(-1))
+    values = host(tensors)
+    ends = np.cumsum([t.numel() for t in tensors]).tolist()
+    return {key: values[start:end] for key, start, end in zip(keys, [0, *ends], ends)}
 
-    def value_range(self, name: str) -> tuple[float, float] | None:
-        """``(min, max)`` of a layer's outputs in this step, or None when it made none."""
-        ls = self.layers.get(name)
-        if ls is None or not ls.moments:
-            return None
-        values = np.stack([self.slots.get(h) for _, h in ls.moments])
-        return float(values[:, 3].min()), float(values[:, 4].max())
+
+def gather(records: list[StepRecord], arena: Arena) -> Calls:
+    """Every call and gradient of ``records`` on the host, in one copy per arena buffer."""
+    values, bases = arena.read(), arena.bases()
+    counts = [len(r.calls) for r in records]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
+    steps = [r.step for r in records]
+    calls = np.array([c for r in records for c in r.calls], dtype=np.int64).reshape(-1, 7)
+    start = bases[calls[:, 2]] + calls[:, 3]
+    moments = values[(bases[calls[:, 5]] + calls[:, 6])[:, None] + np.arange(5)].astype(np.float64)
+    grads = np.array([g for r in records for g in r.grads], dtype=np.int64).reshape(-1, 4)
+    inputs = {offset + call: values[bases[b] + at:bases[b] + at + calls[offset + call, 4]]
+              for rec, offset in zip(records, offsets) for call, (b, at) in rec.inputs.items()}
+    return Calls(
+        step=np.repeat(steps, counts).astype(np.int64), layer=calls[:, 0], size=calls[:, 1],
+        moments=moments, samples=values, start=start, length=calls[:, 4], inputs=inputs,
+        maxima=_by_call(records, offsets, "maxima"), units=_by_call(records, offsets, "units"),
+        grad_step=np.repeat(steps, [len(r.grads) for r in records]).astype(np.int64),
+        grad_layer=grads[:, 0], grad_size=grads[:, 1].astype(np.float64),
+        grad_sumsq=values[bases[grads[:, 2]] + grads[:, 3]].astype(np.float64),
+    )
 
 
 def pool(sizes: list[int], samples: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """One sample standing for all of a step's calls, each weighted by its size: every call
-    keeps the share of its sample that the most thinly sampled call has of its output."""
+    keeps the share of its sample that the most thinly sampled call has of its output. The
+    values are shuffled, so that a prefix is a random sample of all calls too."""
     if len(samples) == 1:
         return samples[0]
     rate = min(len(s) / n for n, s in zip(sizes, samples))
@@ -143,34 +208,4 @@ def pool(sizes: list[int], samples: list[np.ndarray], rng: np.random.Generator) 
     for n, s in zip(sizes, samples):
         keep = min(len(s), max(1, round(rate * n)))
         parts.append(s if keep == len(s) else rng.choice(s, keep, replace=False))
-    return np.concatenate(parts)
-
-
-def summarize(records: list[StepRecord], kinds: dict[str, stats.Nonlinearity | None]) -> None:
-    """Pool and summarise the samples of every fetched record, batching the steps of a
-    layer whose pooled samples have the same length into one array."""
-    rng = np.random.default_rng(0)
-    groups: dict[tuple[str, int, bool], list[tuple[LayerStep, np.ndarray | None]]] = defaultdict(list)
-    for rec in records:
-        for name, ls in rec.layers.items():
-            if ls.samples:
-                sizes = [n for n, _ in ls.moments]
-                ls.pooled = pool(sizes, [rec.slots.get(h) for h in ls.samples], rng)
-                inputs = None
-                if len(ls.inputs) == len(ls.samples):  # every call's input was sampled
-                    inputs = pool(sizes, [rec.slots.get(h) for h in ls.inputs], rng)
-                groups[(name, len(ls.pooled), inputs is not None)].append((ls, inputs))
-    for (name, _, has_inputs), members in groups.items():
-        kind = kinds[name]
-        inputs = np.stack([x for _, x in members]) if has_inputs else None
-        summaries = stats.sample_stats(np.stack([ls.pooled for ls, _ in members]), kind, inputs)
-        for (ls, _), summary in zip(members, summaries):
-            ls.summary = summary
-            ls.derivative = kind is not None and (has_inputs or not kind.of_input)
-
-
-def unit_parts(ls: LayerStep, slots: Slots) -> list[np.ndarray]:
-    """The per-call unit sums (3 × units each) of a fetched layer, or none when there are
-    none or the calls differ in their number of units."""
-    parts = [slots.get(h).reshape(3, -1) for h in ls.units]
-    return parts if len({p.shape for p in parts}) == 1 else []
+    return rng.permutation(np.concatenate(parts))

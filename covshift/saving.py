@@ -1,5 +1,7 @@
 """Saving a Tracer's batches to its run, without ever stopping the user's training.
 
+Batches handed over less than ``interval`` seconds after the last write wait in memory
+and go into the next write together, so a fast training loop writes fewer, larger chunks.
 A batch that cannot be written (a full disk, a file locked for longer than the busy
 timeout, an I/O error) stays in memory and is written with the next batch; the first such
 error is reported once as a warning, and training goes on. Beyond ``max_unsaved`` steps the
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -23,6 +26,9 @@ from .store import RunReplaced, TraceError, TraceWriter
 
 #: What a failed write can raise: SQLite's errors, the OS's, and the store's own.
 STORAGE_ERRORS = (sqlite3.Error, OSError, TraceError)
+#: Most steps written in one transaction (one chunk per series): a layer metric's chunk
+#: (float32, compressed) then fits in one page of the file (store.schema.PAGE_SIZE).
+MERGED_STEPS = 1000
 
 
 @dataclass
@@ -42,6 +48,27 @@ class Batch:
         return self.last - self.first + 1
 
 
+def merge_batches(batches: list[Batch]) -> Batch:
+    """Consecutive batches as one: their rows concatenated, each column's arrays joined,
+    each layer registered once with its last registration (edges are fixed late)."""
+    if len(batches) == 1:
+        return batches[0]
+    out = Batch(batches[0].first, batches[-1].last)
+    layers: dict[str, tuple[str, str, str | None, int, list[float] | None]] = {}
+    parts: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+    for batch in batches:
+        layers.update((row[0], row) for row in batch.layers)
+        out.scalars += batch.scalars
+        out.units += batch.units
+        out.hists += batch.hists
+        for key, column in batch.columns.items():
+            parts.setdefault(key, []).append(column)
+    out.layers = list(layers.values())
+    out.columns = {key: (np.concatenate([s for s, _ in cols]), np.concatenate([v for _, v in cols]))
+                   for key, cols in parts.items()}
+    return out
+
+
 def merge_ranges(ranges: list[list[int]]) -> list[list[int]]:
     """Sorted ``[first, last]`` ranges with touching and overlapping ones merged."""
     merged: list[list[int]] = []
@@ -58,8 +85,9 @@ class Saver:
     yet), then written batch by batch (errors are kept, never raised)."""
 
     def __init__(self, path: str | os.PathLike[str], run: str, config: dict[str, Any], overwrite: bool,
-                 max_unsaved: int) -> None:
-        self.path, self.run, self.max_unsaved = os.fspath(path), run, max_unsaved
+                 max_unsaved: int, interval: float = 0.0) -> None:
+        self.path, self.run, self.max_unsaved, self.interval = os.fspath(path), run, max_unsaved, interval
+        self.written_at: float | None = None  # time.monotonic() of the last write
         self.writer = TraceWriter(path)
         try:
             self.run_id = self.writer.add_run(run, config, overwrite)
@@ -71,13 +99,21 @@ class Saver:
         self.error: str | None = None  # the first storage error, as a sentence
         self.stopped = False  # the run was replaced by another writer: nothing more is written
 
-    def save(self, batch: Batch | None = None) -> None:
-        """Write ``batch`` after every batch still unsaved, oldest first, each in its own
-        transaction; stop at the first failure and keep the rest."""
+    def save(self, batch: Batch | None = None, now: bool = True) -> None:
+        """Write ``batch`` after every batch still unsaved, oldest first, consecutive batches
+        of up to :data:`MERGED_STEPS` steps in one transaction; unless ``now``, only when
+        ``interval`` seconds have passed since the last write. Stop at the first failure
+        and keep the rest."""
         if batch is not None and not self.stopped:
             self.unsaved.append(batch)
+        if not now and self.written_at is not None and time.monotonic() - self.written_at < self.interval:
+            return
         while self.unsaved and not self.stopped:
-            pending = self.unsaved[0]
+            count, steps = 0, 0
+            while count < len(self.unsaved) and (count == 0 or steps + self.unsaved[count].steps <= MERGED_STEPS):
+                steps += self.unsaved[count].steps
+                count += 1
+            pending = merge_batches([self.unsaved[i] for i in range(count)])
             try:
                 self.writer.write(self.run_id, pending.scalars, pending.units, pending.hists,
                                   saved=(pending.first, pending.last), layers=pending.layers,
@@ -94,7 +130,9 @@ class Saver:
                               "the file can be written again")
                 self._bound()
                 return
-            self.unsaved.popleft()
+            for _ in range(count):
+                self.unsaved.popleft()
+            self.written_at = time.monotonic()
 
     def _fail(self, error: BaseException, message: str) -> None:
         if self.error is None:

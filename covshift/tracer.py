@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 from . import stats
 from .layers import ROOT, calls_children_functionally, first_tensor, functional_candidates, select_layers
-from .records import Slots, StepRecord, fetch, summarize
-from .columns import columns
+from .records import Arena, Slots, StepRecord, fetch, gather
+from .columns import Layers, run_columns, summarize
 from .saving import Batch, Saver
 
 __all__ = ["ROOT", "Tracer", "first_tensor", "select_layers"]
@@ -26,12 +26,13 @@ __all__ = ["ROOT", "Tracer", "first_tensor", "select_layers"]
 @dataclass
 class _Layer:
     name: str
+    index: int  # in the tracer's layers, in the order they were added
     module: nn.Module
     kind: stats.Nonlinearity | None
     position: int | None = None
     edges: np.ndarray | None = None  # histogram edges, fixed at the layer's first flush
-    indices: dict[int, Tensor | None] = field(default_factory=dict)
-    input_sample: Tensor | None = None  # of_input kinds: this call's input sample, from the pre-hook
+    indices: dict[int, Tensor] = field(default_factory=dict)  # sample positions by output size
+    input_sample: tuple[int, int, int] | None = None  # of_input kinds: (buffer, offset, length) from the pre-hook
 
 
 def _scalar(value: Tensor | float) -> Tensor:
@@ -54,9 +55,11 @@ class Tracer:
 
     Forward passes with gradients disabled (validation under ``torch.no_grad()``) are not
     recorded, nor, unless ``include_eval``, those while ``model`` is in eval mode. Only steps
-    ended by :meth:`step` reach the file; they are written every ``flush_every`` recorded
-    steps and when the tracer closes, also on an exception. The loss and learning rates are
-    recorded at every step, the layer statistics every ``every`` steps.
+    ended by :meth:`step` reach the file. Every ``flush_every`` recorded steps they are
+    gathered from the device and summarised, and written to the file when ``write_every``
+    seconds have passed since the last write (a fast loop writes fewer, larger chunks);
+    :meth:`flush` and closing, also on an exception, write everything. The loss and
+    learning rates are recorded at every step, the layer statistics every ``every`` steps.
 
     Once started, the Tracer never raises because of its file: a batch it cannot write (a
     full disk, say) is kept in memory, at most ``max_unsaved`` steps, and retried at the
@@ -75,6 +78,7 @@ class Tracer:
         every: int = 1,
         detail_every: int = 50,
         flush_every: int = 100,
+        write_every: float = 5.0,
         sample_size: int = 4096,
         bins: int = 64,
         config: dict[str, Any] | None = None,
@@ -86,6 +90,8 @@ class Tracer:
                              ("sample_size", sample_size), ("bins", bins), ("max_unsaved", max_unsaved)]:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
+        if not isinstance(write_every, (int, float)) or not write_every >= 0:
+            raise ValueError(f"write_every must be a number of seconds >= 0, got {write_every!r}")
         if detail_every % every:
             raise ValueError(f"detail_every ({detail_every}) must be a multiple of every ({every})")
         if not isinstance(model, nn.Module):
@@ -94,7 +100,7 @@ class Tracer:
         self.model, self.path, self.run, self.optimizer = model, os.fspath(path), run, optimizer
         self.every, self.detail_every, self.flush_every = every, detail_every, flush_every
         self.sample_size, self.bins, self.overwrite = sample_size, bins, overwrite
-        self.include_eval, self.max_unsaved = include_eval, max_unsaved
+        self.include_eval, self.max_unsaved, self.write_every = include_eval, max_unsaved, float(write_every)
         self.config = dict(config or {})
         self._prev: list[Tensor] | None = None  # the tracked weights before the step's update
         self._params = [p for p in model.parameters() if p.requires_grad]
@@ -119,6 +125,7 @@ class Tracer:
         self._current = self._new_record()
         self._closed = False
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._arena = Arena()
 
     # lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -134,7 +141,7 @@ class Tracer:
         settings = {"every": self.every, "detail_every": self.detail_every,
                     "sample_size": self.sample_size, "bins": self.bins, "include_eval": self.include_eval}
         self._saver = Saver(self.path, self.run, {**self.config, "tracer": settings}, self.overwrite,
-                            self.max_unsaved)
+                            self.max_unsaved, self.write_every)
         for layer in list(self._layers.values()):
             self._hook(layer)
         for name, module, children in self._candidates:
@@ -147,7 +154,7 @@ class Tracer:
     def _add_layer(self, name: str, module: nn.Module) -> _Layer:
         """Register a layer and track the trainable parameters it holds directly that no
         earlier layer holds (a tied weight stays with its first owner)."""
-        layer = self._layers[name] = _Layer(name, module, stats.nonlinearity(module))
+        layer = self._layers[name] = _Layer(name, len(self._layers), module, stats.nonlinearity(module))
         tracked = {i for _, _, i in self._tracked}
         for attr, param in module.named_parameters(recurse=False):
             index = self._index.get(id(param))
@@ -181,6 +188,7 @@ class Tracer:
                 handle.remove()
             self._handles.clear()
             self._scratch.clear()
+            self._arena = Arena()
             self._saver.close({**self.config, "steps": self._step})
 
     @property
@@ -209,14 +217,22 @@ class Tracer:
         return (self._closed or self._paused or not self.recording or not torch.is_grad_enabled()
                 or not (self.model.training or self.include_eval))
 
-    def _sample(self, layer: _Layer, flat: Tensor) -> Tensor:
-        if flat.numel() not in layer.indices:
-            layer.indices[flat.numel()] = stats.sample_indices(flat.numel(), self.sample_size, flat.device)
-        return stats.take_sample(flat, layer.indices[flat.numel()])
+    def _sample(self, layer: _Layer, flat: Tensor) -> tuple[int, int, Tensor]:
+        """Write the layer's sample of ``flat`` into the arena: ``(buffer, offset, view)``."""
+        n = flat.numel()
+        if n not in layer.indices:
+            layer.indices[n] = stats.sample_indices(n, self.sample_size, flat.device)
+        idx = layer.indices[n]
+        buffer, offset, view = self._arena.take(idx.numel(), flat)
+        stats.take_sample(flat, idx, out=view)
+        return buffer, offset, view
 
     def _on_input(self, layer: _Layer, module: nn.Module, args: Any) -> None:
         x = first_tensor(args)
-        layer.input_sample = None if self._skips() or x is None else self._sample(layer, stats.flat_float(x))
+        layer.input_sample = None
+        if not self._skips() and x is not None and x.numel():
+            buffer, offset, view = self._sample(layer, stats.flat_float(x))
+            layer.input_sample = (buffer, offset, view.numel())
 
     def _on_container(self, name: str, children: list[nn.Module], module: nn.Module, args: Any, output: Any) -> None:
         """Step 0, default selection: make ``module`` a layer when it did not call one of
@@ -239,22 +255,21 @@ class Tracer:
         if y is None or y.numel() == 0:
             return
         rec = self._current
-        entry = rec.entry(layer.name)
-        entry.calls += 1
-        put = rec.slots.put
+        call = len(rec.calls)
         flat = stats.flat_float(y)
-        sample = self._sample(layer, flat)
-        entry.samples.append(put(sample, raw=True))
-        if x_sample is not None and x_sample.shape == sample.shape:
-            entry.inputs.append(put(x_sample, raw=True))
-        entry.moments.append((flat.numel(), put(stats.moments(flat, sample.mean(), self._scratch_for(flat)))))
+        buffer, offset, sample = self._sample(layer, flat)
+        if x_sample is not None and x_sample[2] == sample.numel():
+            rec.inputs[call] = x_sample[:2]
+        at_buffer, at, row = self._arena.take(5, flat)
+        torch.mean(sample, 0, out=row[0])
+        stats.moments(flat, row[0], self._scratch_for(flat), out=row)
+        rec.calls.append((layer.index, flat.numel(), buffer, offset, sample.numel(), at_buffer, at))
         if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
-            entry.maxima.append(put(stats.unit_max(y)))
+            rec.maxima[call] = stats.unit_max(y)
         if rec.detail and y.dim() >= 2:
-            entry.units.append(put(stats.unit_sums(y)))
-            entry.unit_counts.append(y.numel() // y.shape[1])
+            rec.units[call] = stats.unit_sums(y)
         if y.requires_grad:
-            y.register_hook(partial(self._on_grad, layer.name))
+            y.register_hook(partial(self._on_grad, layer.index))
 
     def _scratch_for(self, flat: Tensor) -> Tensor:
         """A buffer for ``flat``'s shifted values: one per dtype and device, as large as the
@@ -266,12 +281,13 @@ class Tracer:
             buffer = self._scratch[key] = torch.empty_like(flat)
         return buffer[: flat.numel()]
 
-    def _on_grad(self, name: str, grad: Tensor) -> None:
+    def _on_grad(self, index: int, grad: Tensor) -> None:
         if self._closed or grad is None:
             return
         g = stats.flat_float(grad)
-        rec = self._current
-        rec.entry(name).grads.append((g.numel(), rec.slots.put(torch.dot(g, g))))
+        buffer, offset, cell = self._arena.take(1, g)
+        stats.sum_of_squares(g, self._scratch_for(g), out=cell[0])
+        self._current.grads.append((index, g.numel(), buffer, offset))
 
     # step boundary ---------------------------------------------------------------------
     def step(self, loss: Tensor | float | None = None) -> int:
@@ -293,7 +309,7 @@ class Tracer:
         if self.recording:
             self._snapshot()
         if self._recorded >= self.flush_every:
-            self.flush()
+            self._flush(now=False)
         return index
 
     def _new_record(self) -> StepRecord:
@@ -372,30 +388,33 @@ class Tracer:
     def flush(self) -> None:
         """Write every recorded step to the file now, in one transaction (one host sync).
         A batch that cannot be written is kept and retried at the next flush."""
+        self._flush(now=True)
+
+    def _flush(self, now: bool) -> None:
+        """Gather and summarise the pending steps; write them (with the batches kept
+        since the last write) when ``now`` or ``write_every`` seconds have passed."""
         if self._saver is None or self._closed:
             return
         if not self._pending and not self._log_rows:
-            self._saver.save()
+            self._saver.save(now=now)
             return
         records, self._pending, self._recorded = self._pending, [], 0
         logged, rows, self._logged, self._log_rows = self._logged, self._log_rows, Slots(), []
         fetch([r.slots for r in records] + [logged])
-        summarize(records, {n: layer.kind for n, layer in self._layers.items()})
-        for name, layer in self._layers.items():
-            ranges = (r.value_range(name) for r in records)
-            first = next((x for x in ranges if x is not None), None)
-            if layer.edges is None and first is not None:
-                layer.edges = stats.hist_edges(*first, layer.kind, self.bins)
-        edges = {n: layer.edges for n, layer in self._layers.items()}
+        known = list(self._layers.values())
+        layers = Layers([x.name for x in known], [x.kind for x in known], [x.edges for x in known], self.bins)
+        summary = summarize(gather(records, self._arena), layers, {r.step for r in records if r.detail})
+        if not self._current.calls and not self._current.grads and not self._current.inputs:
+            self._arena.reset()  # nothing of the step in progress is in it
+        for layer, edges in zip(known, layers.edges):
+            layer.edges = edges
+        run_columns(summary, records)
         steps = [r.step for r in records] + [row[0] for row in rows]
         batch = Batch(min(steps), max(steps))
         batch.scalars = [(step, layer, name, float(logged.get(h)[0])) for step, layer, name, h in rows]
-        batch.columns = columns(records)
-        for r in records:
-            batch.units += [(r.step, *row) for row in r.unit_rows()]
-            batch.hists += [(r.step, *row) for row in r.hist_rows(edges)]
+        batch.columns, batch.units, batch.hists = summary.columns, summary.units, summary.hists
         batch.layers = self._layer_rows(({row[1] for row in batch.scalars} | {k[0] for k in batch.columns}) - {""})
-        self._saver.save(batch)
+        self._saver.save(batch, now=now)
 
     def _layer_rows(self, seen: set[str]) -> list[tuple[str, str, str | None, int, list[float] | None]]:
         """The writer's layer registrations for the layers in a batch, positions given in
