@@ -3,9 +3,17 @@
 Two copies of each model with identical weights train on the same fixed batch. Blocks of
 ``--block`` steps alternate between the plain and the traced copy, so drift of the machine
 (clock, other load) hits both alike; the ratio is the median over rounds of traced/plain
-block time. Flushes to the trace file fall inside the traced blocks and are counted.
+block time. Flushes to the trace file fall inside the traced blocks and are counted. Each
+line also gives the cost per hooked layer and step, (traced - plain) / layers, in µs, and
+the model's target ratio (✗ when missed).
 
-    python benchmarks/overhead.py                 # CPU, both models
+Models: ``mlp`` (3 × 100 sigmoid units, batch 64), ``cnn`` (3 conv layers of ``--channels``,
+batch 64), ``cnn8`` (8 conv layers of 64 channels on 32 × 32, batch 64: seconds per step on a
+CPU, give it few rounds) and ``deep`` (24 × (Linear(64, 64) + Tanh) + Linear(64, 10), 49
+hooked layers, batch 32).
+
+    python benchmarks/overhead.py                 # CPU, mlp and cnn
+    python benchmarks/overhead.py --models deep --threads 1 --rounds 20 --block 20
     python benchmarks/overhead.py --device cuda   # where a GPU is available
 """
 
@@ -45,12 +53,33 @@ def cnn(channels: int = 32) -> tuple[nn.Module, torch.Size]:
     ), torch.Size([64, 3, 32, 32])
 
 
+def cnn8() -> tuple[nn.Module, torch.Size]:
+    """Eight 3x3 conv layers of 64 channels with ReLU on 32x32x3 inputs, then a linear head."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 3, padding=1), nn.ReLU()]
+    for _ in range(7):
+        layers += [nn.Conv2d(64, 64, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)), torch.Size([64, 3, 32, 32])
+
+
+def deep() -> tuple[nn.Module, torch.Size]:
+    """The "deep narrow" MLP of benchmarks/store.py: 49 hooked layers of 64 units, batch 32."""
+    layers: list[nn.Module] = []
+    for _ in range(24):
+        layers += [nn.Linear(64, 64), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(64, 10)), torch.Size([32, 64])
+
+
+#: The target ratio of each model (issue 13).
+TARGETS = {"mlp": 1.5, "cnn": 1.10, "cnn8": 1.10, "deep": 2.0}
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 
 
-def measure(name: str, build, device: torch.device, rounds: int, block: int, folder: Path) -> float:
+def measure(name: str, build, device: torch.device, rounds: int, block: int, folder: Path,
+            target: float) -> float:
     torch.manual_seed(0)
     plain, shape = build()
     traced = copy.deepcopy(plain)
@@ -82,9 +111,14 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
             t_traced = run(traced, tracer)
             ratios.append(t_traced / t_plain)
             plain_times.append(t_plain / block)
+        layers = len(tracer.layers)
     ratio = statistics.median(ratios)
-    print(f"{name:5s} {device.type}: plain {statistics.median(plain_times) * 1e3:7.2f} ms/step, "
-          f"traced/plain {ratio:.3f} (rounds {min(ratios):.3f}..{max(ratios):.3f})", flush=True)
+    plain_step = statistics.median(plain_times)
+    per_layer = (ratio - 1.0) * plain_step / layers * 1e6
+    print(f"{name:5s} {device.type}: plain {plain_step * 1e3:7.2f} ms/step, "
+          f"traced/plain {ratio:.3f}{' ✗' if ratio > target else ''} (target ≤ {target:.2f}; rounds "
+          f"{min(ratios):.3f}..{max(ratios):.3f}), {layers} layers, {per_layer:.0f} µs per layer and step",
+          flush=True)
     return ratio
 
 
@@ -94,18 +128,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--block", type=int, default=50, help="steps per timed block")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--models", default="mlp,cnn")
+    parser.add_argument("--models", default="mlp,cnn", help=f"comma-separated, of: {', '.join(TARGETS)}")
     parser.add_argument("--channels", type=int, default=32, help="channels of the CNN's conv layers")
     args = parser.parse_args()
+    unknown = set(args.models.split(",")) - set(TARGETS)
+    if unknown:
+        parser.error(f"unknown --models {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, covshift {covshift.__version__}, {torch.get_num_threads()} CPU threads")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
-            build = {"mlp": mlp, "cnn": partial(cnn, args.channels)}[name]
+            build = {"mlp": mlp, "cnn": partial(cnn, args.channels), "cnn8": cnn8, "deep": deep}[name]
             measure(f"{name}{args.channels if name == 'cnn' else ''}", build, device, args.rounds, args.block,
-                    Path(folder))
+                    Path(folder), TARGETS[name])
 
 
 if __name__ == "__main__":
