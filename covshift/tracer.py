@@ -103,6 +103,7 @@ class Tracer:
         self.include_eval, self.max_unsaved, self.write_every = include_eval, max_unsaved, float(write_every)
         self.config = dict(config or {})
         self._prev: list[Tensor] | None = None  # the tracked weights before the step's update
+        self._last_norms: tuple[int, Tensor] | None = None  # (step, weight norms) of the last recorded step
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._tracked: list[tuple[str, str, int]] = []  # (layer, attribute, index into _params)
@@ -325,10 +326,17 @@ class Tracer:
             return
         params = [self._params[i] for _, _, i in self._tracked]
         rec.tracked = self._tracked
-        rec.weight_norms = put(torch.stack(torch._foreach_norm(params)))
+        norms = torch.stack(torch._foreach_norm(params))
+        rec.weight_norms = put(norms)
         if self._prev is not None:
             rec.update_norms = put(torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._prev))))
-            rec.prev_norms = put(torch.stack(torch._foreach_norm(self._prev)))
+            last = self._last_norms
+            # the weights before this update were snapshotted when the previous step's norms
+            # were taken, so when that step was recorded its norms are theirs
+            if last is None or last[0] != rec.step - 1 or len(last[1]) != len(params):
+                last = (rec.step - 1, torch.stack(torch._foreach_norm(self._prev)))
+            rec.prev_norms = put(last[1])
+        self._last_norms = (rec.step, norms)
 
     def _record_scalars(self, rec: StepRecord, loss: Tensor | float | None) -> None:
         if isinstance(loss, Tensor) and loss.numel() != 1:

@@ -128,3 +128,28 @@ def test_large_outputs_are_exact_through_the_tracer(tmp_path):
     expect = {"mean": ref_y.mean(), "var": ref_y.var(), "std": ref_y.std(), "grad_norm": np.sqrt(np.square(ref_g).sum())}
     for metric, value in expect.items():
         assert abs(got[metric] - value) <= 1e-6 * abs(value), metric
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_the_previous_steps_weight_norms_are_reused_and_update_ratios_stay_exact(tmp_path, monkeypatch, every):
+    """When the previous step was recorded, the norms of the weights before this update are
+    the norms it already took (three _foreach_norm calls per step, not four); the update
+    ratios equal ||W_t - W_(t-1)|| / ||W_(t-1)|| computed from copies of the weights."""
+    model, opt, x, y = _model_and_batch()
+    calls = []
+    real = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda tensors, *a, **k: calls.append(1) or real(tensors, *a, **k))
+    weights = [model[0].weight.detach().clone()]
+    path = tmp_path / "t.covshift"
+    with covshift.Tracer(model, path, optimizer=opt, every=every) as tracer:
+        for step in range(6):
+            before = len(calls)
+            _step(model, opt, x, y, tracer)
+            weights.append(model[0].weight.detach().clone())
+            if step % every == 0 and step > 0:
+                assert len(calls) - before == (3 if every == 1 else 4), step
+    steps, ratios = covshift.load(path).series("run", "0", "weight.update_ratio")
+    assert steps.tolist() == list(range(0, 6, every))
+    for step, ratio in zip(steps.tolist(), ratios):
+        w0, w1 = weights[step].double(), weights[step + 1].double()
+        assert ratio == pytest.approx(float((w1 - w0).norm() / w0.norm()), rel=1e-5)
