@@ -23,10 +23,11 @@ Columns = dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
 
 @dataclass
 class Summary:
-    """What a flush writes: metric columns, per-unit rows and histogram rows."""
+    """What a flush writes: metric columns, per-unit means and variances (arrays indexed
+    by unit, per step and layer) and histogram rows."""
 
     columns: Columns = field(default_factory=dict)
-    units: list[tuple[int, str, int, float, float]] = field(default_factory=list)
+    units: list[tuple[int, str, np.ndarray, np.ndarray]] = field(default_factory=list)
     hists: list[tuple[int, str, np.ndarray]] = field(default_factory=list)
 
     def add(self, layer: str, metric: str, steps: np.ndarray, values: np.ndarray) -> None:
@@ -69,7 +70,8 @@ def _layer_metrics(out: Summary, calls: Calls, layers: Layers, detail: set[int])
     e_layer, e_step, first, inverse, counts = _entries(calls.layer, calls.step)
     count = len(e_layer)
     n = calls.size.astype(np.float64)
-    c, s1, s2, lo_i, hi_i = calls.moments.T
+    total_of_sample, s1, s2, lo_i, hi_i = calls.moments.T
+    c = total_of_sample / calls.length  # the shift each call used: its sample's mean
     mean_i = c + s1 / n
     m2_i = np.maximum(s2 - s1 * s1 / n, 0.0)
     total = np.bincount(inverse, n, count)
@@ -211,7 +213,7 @@ def _per_call_metrics(out: Summary, calls: Calls, name: str, edges: np.ndarray |
             merged = stats.merge_moments(merged, (count, shift + s1 / count, np.maximum(s2 - s1 * s1 / count, 0.0)))
         total, mean, m2 = merged
         unit_count.append((step, total))
-        out.units += [(step, name, u, mu, v) for u, (mu, v) in enumerate(zip(mean.tolist(), (m2 / total).tolist()))]
+        out.units.append((step, name, np.asarray(mean, dtype=np.float64), m2 / total))
     for metric, pairs in (("dead", dead), ("unit_count", unit_count)):
         out.add(name, metric, [s for s, _ in pairs], [v for _, v in pairs])
 

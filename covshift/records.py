@@ -115,9 +115,9 @@ def fetch(groups: list[Slots]) -> None:
 class StepRecord:
     """Everything one step recorded, until it is flushed. Per forward call ``(layer index,
     output size, sample buffer, sample offset, sample length, moments buffer, moments
-    offset)`` into the :class:`Arena`, where ``[c, S1, S2, min, max]``
-    (:func:`covshift.stats.moments`) and the sample were written; per gradient of an
-    output ``(layer index, size, buffer, offset)`` of its sum of squares."""
+    offset)`` into the :class:`Arena`, where the sample and ``[sample sum, S1, S2, min,
+    max]`` (:func:`covshift.stats.moments`, shifted by the sample's mean) were written;
+    per gradient of an output ``(layer index, size, buffer, offset)`` of its sum of squares."""
 
     step: int
     detail: bool = False  # a detail step: per-unit statistics and histograms

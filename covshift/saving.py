@@ -40,6 +40,7 @@ class Batch:
     layers: list[tuple[str, str, str | None, int, list[float] | None]] = field(default_factory=list)
     scalars: list[tuple[int, str, str, float]] = field(default_factory=list)
     units: list[tuple[int, str, int, float, float]] = field(default_factory=list)
+    unit_arrays: list[tuple[int, str, np.ndarray, np.ndarray]] = field(default_factory=list)
     hists: list[tuple[int, str, np.ndarray]] = field(default_factory=list)
     columns: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -60,6 +61,7 @@ def merge_batches(batches: list[Batch]) -> Batch:
         layers.update((row[0], row) for row in batch.layers)
         out.scalars += batch.scalars
         out.units += batch.units
+        out.unit_arrays += batch.unit_arrays
         out.hists += batch.hists
         for key, column in batch.columns.items():
             parts.setdefault(key, []).append(column)
@@ -87,7 +89,7 @@ class Saver:
     def __init__(self, path: str | os.PathLike[str], run: str, config: dict[str, Any], overwrite: bool,
                  max_unsaved: int, interval: float = 0.0) -> None:
         self.path, self.run, self.max_unsaved, self.interval = os.fspath(path), run, max_unsaved, interval
-        self.written_at: float | None = None  # time.monotonic() of the last write
+        self.written_at = time.monotonic()  # of the last write, or of the run's creation
         self.writer = TraceWriter(path)
         try:
             self.run_id = self.writer.add_run(run, config, overwrite)
@@ -102,11 +104,11 @@ class Saver:
     def save(self, batch: Batch | None = None, now: bool = True) -> None:
         """Write ``batch`` after every batch still unsaved, oldest first, consecutive batches
         of up to :data:`MERGED_STEPS` steps in one transaction; unless ``now``, only when
-        ``interval`` seconds have passed since the last write. Stop at the first failure
-        and keep the rest."""
+        ``interval`` seconds have passed since the last write (or the run's creation). Stop
+        at the first failure and keep the rest."""
         if batch is not None and not self.stopped:
             self.unsaved.append(batch)
-        if not now and self.written_at is not None and time.monotonic() - self.written_at < self.interval:
+        if not now and time.monotonic() - self.written_at < self.interval:
             return
         while self.unsaved and not self.stopped:
             count, steps = 0, 0
@@ -117,7 +119,7 @@ class Saver:
             try:
                 self.writer.write(self.run_id, pending.scalars, pending.units, pending.hists,
                                   saved=(pending.first, pending.last), layers=pending.layers,
-                                  columns=pending.columns)
+                                  columns=pending.columns, unit_arrays=pending.unit_arrays)
             except RunReplaced as e:
                 self._fail(e, f"covshift stopped recording run {self.run!r}: {e}")
                 self.stopped = True

@@ -187,27 +187,31 @@ def flat_float(x: Tensor) -> Tensor:
     return x.reshape(-1)
 
 
-def moments(flat: Tensor, shift: Tensor, scratch: Tensor | None = None, out: Tensor | None = None) -> Tensor:
-    """``[c, S1, S2, min, max]`` of a non-empty 1-D tensor, with ``c = shift``,
+def moments(flat: Tensor, shift: Tensor, scratch: Tensor | None = None, out: Tensor | None = None,
+            scale: float = 1.0) -> Tensor:
+    """``[shift, S1, S2, min, max]`` of a non-empty 1-D tensor, with ``c = scale * shift``,
     ``S1 = sum(flat - c)`` and ``S2 = sum((flat - c)**2)``, written into ``out`` (5 elements
     of ``flat``'s dtype, say a view of a preallocated buffer) when given.
 
-    With ``c`` near the mean (the tracer passes the mean of the layer's sample), the
-    variance stays exact when ``|mean| >> std`` (a saturated sigmoid sits at
-    0.999 +- 0.001), where ``E[x^2] - E[x]^2`` would cancel. :func:`finish_moments` turns
-    the sums into ``(mean, M2)`` on the host. ``scratch`` (same size and dtype) receives
-    the squared shifted values ``(flat - c)**2``, sparing an allocation of the tensor's size.
+    With ``c`` near the mean (the tracer passes the sum of the layer's sample and
+    ``1 / len(sample)``: a sum is one kernel where a mean is two), the variance stays exact
+    when ``|mean| >> std`` (a saturated sigmoid sits at 0.999 +- 0.001), where
+    ``E[x^2] - E[x]^2`` would cancel. :func:`finish_moments` turns the sums into
+    ``(mean, M2)`` on the host. ``scratch`` (same size and dtype) receives the squared
+    shifted values ``(flat - c)**2``, sparing an allocation of the tensor's size.
     """
     out = torch.empty(5, dtype=flat.dtype, device=flat.device) if out is None else out
-    c = shift.to(flat.dtype).reshape(())
-    if c.data_ptr() != out[0].data_ptr():
-        out[0].copy_(c)
-    d = torch.sub(flat, c, out=scratch) if scratch is not None else flat - c
-    torch.aminmax(flat, out=(out[3], out[4]))
-    torch.sum(d, 0, out=out[1])
+    first, s1, s2, lo, hi = out.unbind()
+    if shift.dtype != flat.dtype or shift.dim():
+        shift = shift.to(flat.dtype).reshape(())
+    if shift.data_ptr() != first.data_ptr():
+        first.copy_(shift)
+    d = torch.add(flat, shift, alpha=-scale, out=scratch) if scratch is not None else torch.add(flat, shift, alpha=-scale)
+    torch.aminmax(flat, out=(lo, hi))
+    torch.sum(d, 0, out=s1)
     # d is scratch or a fresh tensor, so it may be squared in place. A float32 torch.dot
     # accumulates sequentially and loses ~1e-3 of S2 on 2M elements; sum() is pairwise.
-    torch.sum(d.square_(), 0, out=out[2])
+    torch.sum(d.square_(), 0, out=s2)
     return out
 
 
@@ -256,61 +260,20 @@ def take_sample(flat: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.index_select(flat, 0, idx, out=out) if out is not None else torch.index_select(flat, 0, idx)
 
 
-#: Rows of at most twice this length are sorted as two halves and the percentiles selected
-#: from both: numpy's vectorised sort (x86-simd-sort) sorts rows of up to 512 values about
-#: eight times faster per value than rows of 1024.
-HALF_ROW = 512
 #: Percentiles are the order statistics of the first (at most) this many values of a
-#: sample, a uniform random sample themselves (:func:`sample_indices`): sorting is the one
-#: per-value cost that grows faster than the sample.
-PERCENTILE_VALUES = 2 * HALF_ROW
-
-
-def _select(a: np.ndarray, b: np.ndarray, ranks: list[int]) -> np.ndarray:
-    """The elements of ``ranks`` (0-based) of each row of the union of the sorted rows of
-    ``a`` and ``b`` (no NaN), shape ``(rows, len(ranks))``: a binary search for the count
-    ``i`` taken from ``a``, the smallest with ``a[i] >= b[rank - i]``."""
-    m, p = a.shape[1], b.shape[1]
-    flat_a, flat_b = a.ravel(), b.ravel()
-    base_a, base_b = (np.arange(len(a)) * m)[:, None], (np.arange(len(b)) * p)[:, None]
-    rank = np.array(ranks)[None, :]
-    lo = np.repeat(np.maximum(0, rank + 1 - p), len(a), axis=0)
-    hi = np.repeat(np.minimum(rank + 1, m), len(a), axis=0)
-    while (active := lo < hi).any():
-        mid = (lo + hi) // 2
-        enough = flat_a[base_a + np.minimum(mid, m - 1)] >= flat_b[base_b + np.clip(rank - mid, 0, p - 1)]
-        hi = np.where(active & enough, mid, hi)
-        lo = np.where(active & ~enough, mid + 1, lo)
-    from_a = np.where(lo > 0, flat_a[base_a + np.maximum(lo - 1, 0)], -np.inf)
-    from_b = np.where(rank - lo >= 0, flat_b[base_b + np.clip(rank - lo, 0, p - 1)], -np.inf)
-    return np.maximum(from_a, from_b).astype(a.dtype)
-
-
-def order_statistics(rows: np.ndarray, ranks: list[int]) -> np.ndarray:
-    """The elements of ``ranks`` (0-based, ascending order, NaN last) of each row of a 2-D
-    array: ``np.sort(rows, axis=1)[:, ranks]``, computed faster for rows of 513 to 1024
-    values (two half sorts and a selection)."""
-    n = rows.shape[1]
-    if not HALF_ROW < n <= 2 * HALF_ROW:
-        return np.sort(rows, axis=1)[:, ranks]
-    nan = np.isnan(rows).any(axis=1)
-    if nan.any():
-        out = np.empty((len(rows), len(ranks)), dtype=rows.dtype)
-        out[nan] = np.sort(rows[nan], axis=1)[:, ranks]
-        out[~nan] = order_statistics(rows[~nan], ranks)
-        return out
-    a, b = rows[:, :HALF_ROW].copy(), rows[:, HALF_ROW:].copy()
-    a.sort(axis=1)
-    b.sort(axis=1)
-    return _select(a, b, ranks)
+#: sample, a uniform random sample themselves (:func:`sample_indices`). Sorting is the one
+#: per-value cost that grows faster than the sample, and numpy's vectorised sort
+#: (x86-simd-sort) sorts rows of up to 512 values about eight times faster per value than
+#: rows of 1024.
+PERCENTILE_VALUES = 512
 
 
 def percentiles(rows: np.ndarray) -> np.ndarray:
     """``PERCENTILES`` of each row of a 2-D array by the lower method (numpy's
-    ``method="lower"``: the element of rank ``floor((n-1)q)``, see
-    :func:`order_statistics`) of its first :data:`PERCENTILE_VALUES` values."""
-    ranked = rows[:, :PERCENTILE_VALUES]
-    return order_statistics(ranked, [int((ranked.shape[1] - 1) * q) for q in PERCENTILES])
+    ``method="lower"``: the element of rank ``floor((n-1)q)``, NaN sorting last) of its
+    first :data:`PERCENTILE_VALUES` values."""
+    ranked = np.sort(rows[:, :PERCENTILE_VALUES], axis=1)
+    return ranked[:, [int((ranked.shape[1] - 1) * q) for q in PERCENTILES]]
 
 
 def derivative_stats(source: np.ndarray, kind: Nonlinearity) -> np.ndarray:

@@ -57,7 +57,8 @@ class Tracer:
     recorded, nor, unless ``include_eval``, those while ``model`` is in eval mode. Only steps
     ended by :meth:`step` reach the file. Every ``flush_every`` recorded steps they are
     gathered from the device and summarised, and written to the file when ``write_every``
-    seconds have passed since the last write (a fast loop writes fewer, larger chunks);
+    seconds have passed since the last write or the start (a fast loop writes fewer, larger
+    chunks);
     :meth:`flush` and closing, also on an exception, write everything. The loss and
     learning rates are recorded at every step, the layer statistics every ``every`` steps.
 
@@ -262,8 +263,8 @@ class Tracer:
         if x_sample is not None and x_sample[2] == sample.numel():
             rec.inputs[call] = x_sample[:2]
         at_buffer, at, row = self._arena.take(5, flat)
-        torch.mean(sample, 0, out=row[0])
-        stats.moments(flat, row[0], self._scratch_for(flat), out=row)
+        shift = torch.sum(sample, 0, out=row[0])  # the shift is the sample's mean, this sum / its length
+        stats.moments(flat, shift, self._scratch_for(flat), out=row, scale=1.0 / sample.numel())
         rec.calls.append((layer.index, flat.numel(), buffer, offset, sample.numel(), at_buffer, at))
         if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
             rec.maxima[call] = stats.unit_max(y)
@@ -420,7 +421,7 @@ class Tracer:
         steps = [r.step for r in records] + [row[0] for row in rows]
         batch = Batch(min(steps), max(steps))
         batch.scalars = [(step, layer, name, float(logged.get(h)[0])) for step, layer, name, h in rows]
-        batch.columns, batch.units, batch.hists = summary.columns, summary.units, summary.hists
+        batch.columns, batch.unit_arrays, batch.hists = summary.columns, summary.units, summary.hists
         batch.layers = self._layer_rows(({row[1] for row in batch.scalars} | {k[0] for k in batch.columns}) - {""})
         self._saver.save(batch, now=now)
 

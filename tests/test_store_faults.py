@@ -198,7 +198,7 @@ def test_covshift_trace_reports_a_full_disk_as_a_storage_failure(tmp_path):
             return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
     '''))
     script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (400_000, resource.RLIM_INFINITY)); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (300_000, resource.RLIM_INFINITY)); "
               "from covshift.cli import app; sys.argv = ['covshift'] + sys.argv[1:]; app()")
     done = subprocess.run([sys.executable, "-c", script, "trace", str(model), "--only", "nobn", "--out",
                            str(tmp_path / "out")], capture_output=True, text=True, env=ENV, timeout=300)

@@ -1022,7 +1022,7 @@ def test_flush_every_writes_before_exit(tmp_path):
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     path = tmp_path / "t.covshift"
-    with covshift.Tracer(model, path, optimizer=opt, flush_every=3) as tracer:
+    with covshift.Tracer(model, path, optimizer=opt, flush_every=3, write_every=0) as tracer:
         train(model, tracer, opt, batches(4, (8, 4), (8, 2)))
         with covshift.load(path) as trace:
             df = trace.scalars()

@@ -36,11 +36,14 @@ class Chunk:
 
 def encode(steps: np.ndarray, values: np.ndarray, dtype: str) -> Chunk:
     """A chunk of ``values`` at ``steps`` (sorted by step, ties kept in order)."""
-    order = np.argsort(steps, kind="stable")
-    steps = np.asarray(steps, dtype=np.int64)[order]
-    values = np.asarray(values, dtype=np.float64)[order]
-    first, count = int(steps[0]), len(steps)
+    steps = np.asarray(steps, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
     gaps = np.diff(steps)
+    if (gaps < 0).any():
+        order = np.argsort(steps, kind="stable")
+        steps, values = steps[order], values[order]
+        gaps = np.diff(steps)
+    first, count = int(steps[0]), len(steps)
     stride = int(gaps[0]) if count > 1 else 1
     if count > 1 and not (stride > 0 and np.all(gaps == stride)):
         return Chunk(first, count, None, steps.astype("<i8").tobytes(), dtype, compress(values, dtype))

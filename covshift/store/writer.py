@@ -161,14 +161,16 @@ class TraceWriter:
               units: Iterable[tuple[int, str, int, float, float]],
               hists: Iterable[tuple[int, str, np.ndarray]], saved: tuple[int, int] | None = None,
               layers: Iterable[tuple[str, str, str | None, int, Sequence[float] | None]] = (),
-              columns: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] | None = None) -> None:
+              columns: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] | None = None,
+              unit_arrays: Iterable[tuple[int, str, np.ndarray, np.ndarray]] = ()) -> None:
         """Append one batch of step data in a single transaction: ``(step, layer, metric,
         value)`` rows (the empty layer name is the run itself), ``(step, layer, unit, mean,
         var)`` rows and ``(step, layer, counts)``. Layers must have been added with
         :meth:`add_layer`, or be given in ``layers`` (its arguments, registered in the same
         transaction). ``saved``, the batch's first and last step, is added to the run's
         config ``saved_steps`` in the same transaction. ``columns`` gives more values as
-        ``{(layer, metric): (steps, values)}`` arrays."""
+        ``{(layer, metric): (steps, values)}`` arrays, and ``unit_arrays`` more per-unit
+        rows as ``(step, layer, means, variances)`` with arrays indexed by unit."""
         series: dict[tuple[str, str], tuple[list[Any], list[Any]]] = defaultdict(lambda: ([], []))
         for step, name, metric, value in scalars:
             steps, values = series[(name, metric)]
@@ -202,6 +204,9 @@ class TraceWriter:
             self.conn.executemany("INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.conn.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?)", [
                 (run_id, layer[name], step, *_unit_blobs(values)) for (name, step), values in per_unit.items()])
+            self.conn.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?)", [
+                (run_id, layer[name], step, chunks.pack(mean, chunks.UNIT_DTYPE), chunks.pack(var, chunks.UNIT_DTYPE))
+                for step, name, mean, var in unit_arrays])
             self.conn.executemany("INSERT OR REPLACE INTO histograms VALUES (?, ?, ?, ?)", [
                 (run_id, layer[name], step, chunks.pack(counts, "<i4")) for step, name, counts in hists])
             if saved is not None:
