@@ -71,17 +71,17 @@ def _layer_metrics(out: Summary, calls: Calls, layers: Layers, detail: set[int])
     count = len(e_layer)
     n = calls.size.astype(np.float64)
     total_of_sample, s1, s2, lo_i, hi_i = calls.moments.T
-    c = total_of_sample / calls.length  # the shift each call used: its sample's mean
-    mean_i = c + s1 / n
-    m2_i = np.maximum(s2 - s1 * s1 / n, 0.0)
+    # the shift each call used is its sample's mean
+    mean_i, m2_i = stats.finish_moments(n, total_of_sample / calls.length, s1, s2)
     total = np.bincount(inverse, n, count)
     mean = np.bincount(inverse, n * mean_i, count) / total
     var = np.bincount(inverse, m2_i + n * (mean_i - mean[inverse]) ** 2, count) / total
     lo, hi = np.full(count, np.inf), np.full(count, -np.inf)
     np.minimum.at(lo, inverse, lo_i)
     np.maximum.at(hi, inverse, hi_i)
-    entries = _Entries(e_layer, e_step, first, inverse, counts, np.isin(e_step, list(detail)))
-    summary, derivative, pooled = _sample_summaries(calls, layers, entries, np.isfinite(lo) & np.isfinite(hi))
+    finite = np.isfinite(lo) & np.isfinite(hi)
+    entries = _Entries(e_layer, first, inverse, counts, np.isin(e_step, list(detail)))
+    summary, derivative, pooled = _sample_summaries(calls, layers, entries, finite)
     special = entries.detail | (np.bincount(inverse, _flags(len(inverse), calls.maxima), count) > 0)
     for rows in np.split(np.arange(count), np.flatnonzero(np.diff(e_layer)) + 1):
         index = int(e_layer[rows[0]])
@@ -98,8 +98,7 @@ def _layer_metrics(out: Summary, calls: Calls, layers: Layers, detail: set[int])
         out.add(name, "saturation", steps[have], sat[have])
         out.add(name, "gain", steps[have], gain[have])
         # exact when every call was sampled whole; zero exactly when min and max are finite
-        finite = np.isfinite(lo[rows]) & np.isfinite(hi[rows])
-        out.add(name, "nonfinite", steps, np.where(finite, 0.0, np.maximum(np.round(bad * total[rows]), 1.0)))
+        out.add(name, "nonfinite", steps, np.where(finite[rows], 0.0, np.maximum(np.round(bad * total[rows]), 1.0)))
         _per_call_metrics(out, calls, name, layers.edges[index],
                           [(int(e_step[e]), entries.calls_of(int(e)), pooled.get(int(e))) for e in rows[special[rows]]])
 
@@ -115,9 +114,9 @@ class _Entries:
     """The entries (layer, step) of a flush's calls: ``first`` gives an entry's first call,
     ``multi`` the calls of the entries that have several."""
 
-    def __init__(self, layer: np.ndarray, step: np.ndarray, first: np.ndarray, inverse: np.ndarray,
-                 counts: np.ndarray, detail: np.ndarray) -> None:
-        self.layer, self.step, self.first, self.counts, self.detail = layer, step, first, counts, detail
+    def __init__(self, layer: np.ndarray, first: np.ndarray, inverse: np.ndarray, counts: np.ndarray,
+                 detail: np.ndarray) -> None:
+        self.layer, self.first, self.counts, self.detail = layer, first, counts, detail
         self.multi: dict[int, list[int]] = defaultdict(list)
         for call in np.flatnonzero(counts[inverse] > 1).tolist():
             self.multi[int(inverse[call])].append(call)
@@ -147,13 +146,14 @@ def _sample_summaries(calls: Calls, layers: Layers, entries: _Entries,
         has_inputs[e] = all(c in calls.inputs for c in calls_of)
         if has_inputs[e]:
             inputs[e] = pool(sizes, [calls.inputs[c] for c in calls_of], rng)
-    kind_of_layer = np.unique([id(k) for k in layers.kinds], return_inverse=True)[1]
+    _, layer_of_kind, kind_of_layer = np.unique([id(k) for k in layers.kinds], return_index=True,
+                                                return_inverse=True)
     keys = np.stack([length, kind_of_layer[entries.layer], has_inputs])
     summary = np.full((len(length), len(stats.SAMPLE_FIELDS)), np.nan)
     summary[:, 5] = 0.0
     derivative = np.zeros(len(length), dtype=bool)
     for key in np.unique(keys, axis=1).T:
-        kind = layers.kinds[int(entries.layer[np.flatnonzero(kind_of_layer[entries.layer] == key[1])[0]])]
+        kind = layers.kinds[int(layer_of_kind[key[1]])]
         of_output = kind is not None and not kind.of_input
         width = int(key[0]) if of_output else min(int(key[0]), stats.PERCENTILE_VALUES)
         # rows of ``width`` values starting anywhere in the samples, as a view: indexing it copies the rows
@@ -210,7 +210,7 @@ def _per_call_metrics(out: Summary, calls: Calls, name: str, edges: np.ndarray |
         merged = (0, 0.0, 0.0)
         for c, (shift, s1, s2) in zip(calls_of, parts):
             count = int(calls.size[c]) // parts[0].shape[1]
-            merged = stats.merge_moments(merged, (count, shift + s1 / count, np.maximum(s2 - s1 * s1 / count, 0.0)))
+            merged = stats.merge_moments(merged, (count, *stats.finish_moments(count, shift, s1, s2)))
         total, mean, m2 = merged
         unit_count.append((step, total))
         out.units.append((step, name, np.asarray(mean, dtype=np.float64), m2 / total))

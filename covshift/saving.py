@@ -39,8 +39,7 @@ class Batch:
     last: int
     layers: list[tuple[str, str, str | None, int, list[float] | None]] = field(default_factory=list)
     scalars: list[tuple[int, str, str, float]] = field(default_factory=list)
-    units: list[tuple[int, str, int, float, float]] = field(default_factory=list)
-    unit_arrays: list[tuple[int, str, np.ndarray, np.ndarray]] = field(default_factory=list)
+    units: list[tuple[int, str, np.ndarray, np.ndarray]] = field(default_factory=list)  # (step, layer, means, vars)
     hists: list[tuple[int, str, np.ndarray]] = field(default_factory=list)
     columns: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
@@ -61,7 +60,6 @@ def merge_batches(batches: list[Batch]) -> Batch:
         layers.update((row[0], row) for row in batch.layers)
         out.scalars += batch.scalars
         out.units += batch.units
-        out.unit_arrays += batch.unit_arrays
         out.hists += batch.hists
         for key, column in batch.columns.items():
             parts.setdefault(key, []).append(column)
@@ -117,9 +115,9 @@ class Saver:
                 count += 1
             pending = merge_batches([self.unsaved[i] for i in range(count)])
             try:
-                self.writer.write(self.run_id, pending.scalars, pending.units, pending.hists,
+                self.writer.write(self.run_id, pending.scalars, [], pending.hists,
                                   saved=(pending.first, pending.last), layers=pending.layers,
-                                  columns=pending.columns, unit_arrays=pending.unit_arrays)
+                                  columns=pending.columns, unit_arrays=pending.units)
             except RunReplaced as e:
                 self._fail(e, f"covshift stopped recording run {self.run!r}: {e}")
                 self.stopped = True

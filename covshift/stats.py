@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -224,11 +225,12 @@ def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | No
     return torch.sum(squares, 0, out=out) if out is not None else squares.sum()
 
 
-def finish_moments(n: int, c: float, s1: float, s2: float) -> tuple[float, float]:
-    """``(mean, M2)`` from the shifted sums of :func:`moments`, in float64."""
+def finish_moments(n: Any, c: Any, s1: Any, s2: Any) -> tuple[Any, Any]:
+    """``(mean, M2)`` from the shifted sums of :func:`moments`, in float64: of numbers, or
+    elementwise of numpy arrays (many calls, or the units of :func:`unit_sums`)."""
     mean = c + s1 / n
-    m2 = max(s2 - s1 * s1 / n, 0.0)
-    return mean, m2
+    m2 = np.maximum(s2 - s1 * s1 / n, 0.0)
+    return mean, (float(m2) if np.ndim(m2) == 0 else m2)
 
 
 def merge_moments(a: tuple[int, float, float], b: tuple[int, float, float]) -> tuple[int, float, float]:

@@ -413,7 +413,7 @@ class Tracer:
         known = list(self._layers.values())
         layers = Layers([x.name for x in known], [x.kind for x in known], [x.edges for x in known], self.bins)
         summary = summarize(gather(records, self._arena), layers, {r.step for r in records if r.detail})
-        if not self._current.calls and not self._current.grads and not self._current.inputs:
+        if not self._current.calls and not self._current.grads:
             self._arena.reset()  # nothing of the step in progress is in it
         for layer, edges in zip(known, layers.edges):
             layer.edges = edges
@@ -421,7 +421,7 @@ class Tracer:
         steps = [r.step for r in records] + [row[0] for row in rows]
         batch = Batch(min(steps), max(steps))
         batch.scalars = [(step, layer, name, float(logged.get(h)[0])) for step, layer, name, h in rows]
-        batch.columns, batch.unit_arrays, batch.hists = summary.columns, summary.units, summary.hists
+        batch.columns, batch.units, batch.hists = summary.columns, summary.units, summary.hists
         batch.layers = self._layer_rows(({row[1] for row in batch.scalars} | {k[0] for k in batch.columns}) - {""})
         self._saver.save(batch, now=now)
 

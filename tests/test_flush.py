@@ -154,3 +154,21 @@ def test_the_previous_steps_weight_norms_are_reused_and_update_ratios_stay_exact
     for step, ratio in zip(steps.tolist(), ratios):
         w0, w1 = weights[step].double(), weights[step + 1].double()
         assert ratio == pytest.approx(float((w1 - w0).norm() / w0.norm()), rel=1e-5)
+
+
+def test_deferred_flushes_are_written_in_transactions_of_at_most_merged_steps(tmp_path):
+    """Batches waiting for write_every go to the file in chunks of up to MERGED_STEPS steps
+    (so a chunk fits in a page), in a file of PAGE_SIZE pages."""
+    from covshift.saving import MERGED_STEPS
+    from covshift.store.schema import PAGE_SIZE
+
+    path = tmp_path / "t.covshift"
+    model, opt, x, y = _model_and_batch()
+    flush = MERGED_STEPS // 4
+    with covshift.Tracer(model, path, optimizer=opt, flush_every=flush, write_every=3600, every=1) as tracer:
+        for _ in range(5 * flush):
+            _step(model, opt, x, y, tracer)
+    assert _loss_chunks(path) == [MERGED_STEPS, flush]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA page_size").fetchone()[0] == PAGE_SIZE
+    assert covshift.load(path).config("run")["saved_steps"] == [[0, 5 * flush - 1]]

@@ -185,6 +185,7 @@ class TraceWriter:
         per_unit: dict[tuple[str, int], list[tuple[int, float, float]]] = defaultdict(list)
         for step, name, unit, mean, var in units:
             per_unit[(name, step)].append((unit, mean, var))
+        unit_rows = [(step, name, *_unit_arrays(values)) for (name, step), values in per_unit.items()]
         with self._transaction():
             config = self._config(run_id)
             for args in layers:
@@ -203,10 +204,8 @@ class TraceWriter:
                              c.steps, c.dtype, c.vals))
             self.conn.executemany("INSERT INTO series VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self.conn.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?)", [
-                (run_id, layer[name], step, *_unit_blobs(values)) for (name, step), values in per_unit.items()])
-            self.conn.executemany("INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?)", [
                 (run_id, layer[name], step, chunks.pack(mean, chunks.UNIT_DTYPE), chunks.pack(var, chunks.UNIT_DTYPE))
-                for step, name, mean, var in unit_arrays])
+                for step, name, mean, var in [*unit_rows, *unit_arrays]])
             self.conn.executemany("INSERT OR REPLACE INTO histograms VALUES (?, ?, ?, ?)", [
                 (run_id, layer[name], step, chunks.pack(counts, "<i4")) for step, name, counts in hists])
             if saved is not None:
@@ -221,14 +220,14 @@ class TraceWriter:
         self.conn.close()
 
 
-def _unit_blobs(values: list[tuple[int, float, float]]) -> tuple[bytes, bytes]:
-    """Per-unit means and variances as float64 arrays indexed by unit (NaN where missing)."""
+def _unit_arrays(values: list[tuple[int, float, float]]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-unit ``(unit, mean, var)`` rows as float64 arrays indexed by unit (NaN where missing)."""
     units = np.asarray([u for u, _, _ in values], dtype=np.int64)
     mean = np.full(units.max() + 1, np.nan)
     var = np.full(units.max() + 1, np.nan)
     mean[units] = [m for _, m, _ in values]
     var[units] = [v for _, _, v in values]
-    return chunks.pack(mean, chunks.UNIT_DTYPE), chunks.pack(var, chunks.UNIT_DTYPE)
+    return mean, var
 
 
 class _Transaction:
