@@ -92,7 +92,7 @@ def _layer_metrics(out: Summary, calls: Calls, layers: Layers, detail: set[int])
         p15, p50, p85, sat, gain, bad = summary[rows].T
         for metric, values in (("mean", mean[rows]), ("var", var[rows]), ("std", np.sqrt(var[rows])),
                                ("min", lo[rows]), ("max", hi[rows]), ("p15", p15), ("p50", p50), ("p85", p85),
-                               ("calls", counts[rows])):
+                               ("calls", counts[rows] / calls.ranks)):
             out.add(name, metric, steps, values)
         have = derivative[rows]
         out.add(name, "saturation", steps[have], sat[have])

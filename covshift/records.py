@@ -142,7 +142,8 @@ class Calls:
     """The forward calls and output gradients of a flush's records, on the host. Per call
     ``i``: ``step[i]``, ``layer[i]``, ``size[i]``, ``moments[i]`` (float64) and the sample
     ``samples[start[i]:start[i] + length[i]]`` in the samples' dtype; ``inputs``,
-    ``maxima`` and ``units`` by call."""
+    ``maxima`` and ``units`` by call. Merged from ``ranks`` processes, a step has each
+    process's calls of a layer."""
 
     step: np.ndarray
     layer: np.ndarray
@@ -158,6 +159,7 @@ class Calls:
     grad_layer: np.ndarray
     grad_size: np.ndarray
     grad_sumsq: np.ndarray
+    ranks: int = 1  # processes whose calls these are (covshift.distributed.merge)
 
     def sample(self, call: int) -> np.ndarray:
         return self.samples[self.start[call]:self.start[call] + self.length[call]]

@@ -225,6 +225,21 @@ def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | No
     return torch.sum(squares, 0, out=out) if out is not None else squares.sum()
 
 
+def norms(tensors: list[Tensor]) -> Tensor:
+    """The 2-norms of ``tensors`` as one tensor, accumulated and returned in float32, or
+    float64 when one of them is float64 (``torch._foreach_norm`` alone returns a bfloat16
+    tensor's norm in bfloat16, up to 0.4% off).
+
+    >>> norms([torch.ones(4, dtype=torch.bfloat16), torch.ones(9)])
+    tensor([2., 3.])
+    """
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    try:
+        return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide))
+    except TypeError:  # torch < 2.3 has no dtype argument
+        return torch.stack([torch.linalg.vector_norm(t, dtype=wide) for t in tensors])
+
+
 def finish_moments(n: Any, c: Any, s1: Any, s2: Any) -> tuple[Any, Any]:
     """``(mean, M2)`` from the shifted sums of :func:`moments`, in float64: of numbers, or
     elementwise of numpy arrays (many calls, or the units of :func:`unit_sums`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from collections.abc import Iterator
@@ -14,9 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import stats
+from . import distributed, stats
 from .layers import ROOT, calls_children_functionally, first_tensor, functional_candidates, select_layers
-from .records import Arena, Slots, StepRecord, fetch, gather
+from .records import Arena, Calls, Slots, StepRecord, fetch, gather
 from .columns import Layers, run_columns, summarize
 from .saving import Batch, Saver
 
@@ -36,9 +37,11 @@ class _Layer:
 
 
 def _scalar(value: Tensor | float) -> Tensor:
-    """A one-element float tensor of ``value``, kept apart from later in-place changes."""
+    """A one-element tensor of ``value`` in float32, or float64 when it is float64 (a loss
+    keeps its precision), kept apart from later in-place changes."""
     if isinstance(value, Tensor):
-        return value.detach().reshape(1).float().clone()
+        value = value.detach().reshape(1)
+        return (value if value.dtype == torch.float64 else value.float()).clone()
     return torch.tensor([float(value)], dtype=torch.float64)
 
 
@@ -66,6 +69,12 @@ class Tracer:
     full disk, say) is kept in memory, at most ``max_unsaved`` steps, and retried at the
     next flush; it warns once, and :attr:`storage_error` and the run's config
     (``saved_steps``, ``unsaved_steps``) say what was saved.
+
+    When a ``torch.distributed`` process group of several processes is initialised (DDP,
+    FSDP2 under ``torchrun``), create the Tracer on every rank with the same path: the
+    statistics are those of the global batch, merged at each flush, and only rank 0
+    writes the file (:mod:`covshift.distributed`); a flush waits at most ``dist_timeout``
+    seconds for the other ranks.
     """
 
     def __init__(
@@ -86,6 +95,7 @@ class Tracer:
         overwrite: bool = False,
         include_eval: bool = False,
         max_unsaved: int = 10_000,
+        dist_timeout: float = distributed.DEFAULT_TIMEOUT,
     ) -> None:
         for label, value in [("every", every), ("detail_every", detail_every), ("flush_every", flush_every),
                              ("sample_size", sample_size), ("bins", bins), ("max_unsaved", max_unsaved)]:
@@ -97,15 +107,19 @@ class Tracer:
             raise ValueError(f"detail_every ({detail_every}) must be a multiple of every ({every})")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: hook the model it wraps
+        model = distributed.unwrap(model)  # torch.compile's and DDP's wrappers: hook the model they wrap
         self.model, self.path, self.run, self.optimizer = model, os.fspath(path), run, optimizer
         self.every, self.detail_every, self.flush_every = every, detail_every, flush_every
         self.sample_size, self.bins, self.overwrite = sample_size, bins, overwrite
         self.include_eval, self.max_unsaved, self.write_every = include_eval, max_unsaved, float(write_every)
         self.config = dict(config or {})
+        self.dist_timeout = float(dist_timeout)
+        self._ranks: distributed.Ranks | None = None
+        self._started = False
         self._prev: list[Tensor] | None = None  # the tracked weights before the step's update
         self._last_norms: tuple[int, Tensor] | None = None  # (step, weight norms) of the last recorded step
         self._params = [p for p in model.parameters() if p.requires_grad]
+        self._copies = np.array([distributed.replicas(p) for p in self._params], dtype=np.int64)
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._tracked: list[tuple[str, str, int]] = []  # (layer, attribute, index into _params)
         self._layers: dict[str, _Layer] = {}
@@ -133,17 +147,39 @@ class Tracer:
     def __enter__(self) -> Tracer:
         return self.start()
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        if kind is None:
+            self.close()
+            return
+        try:  # the training's exception goes on; closing must not replace it
+            self._close(failed=True)
+        except Exception as problem:
+            warnings.warn(f"covshift: closing the trace after {kind.__name__} failed too: {problem}",
+                          RuntimeWarning, stacklevel=2)
 
     def start(self) -> Tracer:
-        """Open the trace file, add this run and attach the hooks (``with`` does this)."""
-        if self._saver is not None:
+        """Open the trace file, add this run and attach the hooks (``with`` does this).
+        Under ``torch.distributed``, every rank must call it: it is collective."""
+        if self._started:
             raise RuntimeError("this Tracer has already been started")
-        settings = {"every": self.every, "detail_every": self.detail_every,
-                    "sample_size": self.sample_size, "bins": self.bins, "include_eval": self.include_eval}
-        self._saver = Saver(self.path, self.run, {**self.config, "tracer": settings}, self.overwrite,
-                            self.max_unsaved, self.write_every)
+        self._ranks = distributed.Ranks.detect(self.dist_timeout)
+        world = 1 if self._ranks is None else self._ranks.world
+        settings = {"every": self.every, "detail_every": self.detail_every, "sample_size": self.sample_size,
+                    "bins": self.bins, "include_eval": self.include_eval, "world_size": world}
+        problem: Exception | None = None
+        if self._ranks is None or self._ranks.writes:
+            try:
+                self._saver = Saver(self.path, self.run, {**self.config, "tracer": settings}, self.overwrite,
+                                    self.max_unsaved, self.write_every)
+            except Exception as error:
+                problem = error
+        if self._ranks is not None:  # the other ranks stop too when rank 0 cannot open the file
+            said = self._ranks.agree(None if problem is None else f"{type(problem).__name__}: {problem}")
+            if problem is None and said is not None:
+                raise RuntimeError(f"rank 0 could not open the trace {self.path}: {said}")
+        if problem is not None:
+            raise problem
+        self._started = True
         for layer in list(self._layers.values()):
             self._hook(layer)
         for name, module, children in self._candidates:
@@ -163,7 +199,7 @@ class Tracer:
             if index is not None and index not in tracked:
                 self._tracked.append((name, attr, index))
                 if self._prev is not None:  # added during a step: its weight before the update
-                    self._prev.append(param.detach().clone())
+                    self._prev.append(distributed.local(param).detach().clone())
         return layer
 
     def _hook(self, layer: _Layer) -> None:
@@ -178,20 +214,35 @@ class Tracer:
         self._called = None
 
     def close(self) -> None:
-        """Flush what is recorded, remove every hook and close the file. Safe to call twice."""
-        if self._closed or self._saver is None:
+        """Flush what is recorded, remove every hook and close the file. Safe to call twice.
+        Under ``torch.distributed`` it is collective, like :meth:`flush`."""
+        self._close(failed=False)
+
+    def _close(self, failed: bool) -> None:
+        """Close; after an exception in the training (``failed``) a distributed Tracer takes
+        part in no collective (the other ranks may never reach one): the steps since its
+        last flush are not written."""
+        if self._closed or not self._started:
             return
         try:
-            self.flush()
+            if not (failed and self._ranks is not None):
+                self.flush()
         finally:
             self._closed = True
-            self._stop_probing()
-            for handle in self._handles:
-                handle.remove()
-            self._handles.clear()
+            self._detach()
             self._scratch.clear()
             self._arena = Arena()
-            self._saver.close({**self.config, "steps": self._step})
+            if self._saver is not None:
+                self._saver.close({**self.config, "steps": self._step})
+            if self._ranks is not None and not failed:
+                self._ranks.close()
+
+    def _detach(self) -> None:
+        """Remove every hook: nothing more is recorded."""
+        self._stop_probing()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
 
     @property
     def storage_error(self) -> str | None:
@@ -295,7 +346,7 @@ class Tracer:
     def step(self, loss: Tensor | float | None = None) -> int:
         """End the current step, recording ``loss`` (a tensor is not synchronised), and
         return its index. Call it after ``optimizer.step()``."""
-        if self._saver is None or self._closed:
+        if not self._started or self._closed:
             raise RuntimeError("Tracer.step() called outside the Tracer's `with` block")
         index = self._step
         rec = self._current
@@ -322,20 +373,20 @@ class Tracer:
         have = [i for i, p in enumerate(self._params) if p.grad is not None and not p.grad.is_sparse]
         if have:
             rec.grad_params = have
-            rec.grad_norms = put(torch.stack(torch._foreach_norm([self._params[i].grad for i in have])))
+            rec.grad_norms = put(stats.norms([distributed.local(self._params[i].grad) for i in have]))
         if not self._tracked:
             return
-        params = [self._params[i] for _, _, i in self._tracked]
+        params = self._tracked_locals()
         rec.tracked = self._tracked
-        norms = torch.stack(torch._foreach_norm(params))
+        norms = stats.norms(params)
         rec.weight_norms = put(norms)
         if self._prev is not None:
-            rec.update_norms = put(torch.stack(torch._foreach_norm(torch._foreach_sub(params, self._prev))))
+            rec.update_norms = put(stats.norms(torch._foreach_sub(params, self._prev)))
             last = self._last_norms
             # the weights before this update were snapshotted when the previous step's norms
             # were taken, so when that step was recorded its norms are theirs
             if last is None or last[0] != rec.step - 1 or len(last[1]) != len(params):
-                last = (rec.step - 1, torch.stack(torch._foreach_norm(self._prev)))
+                last = (rec.step - 1, stats.norms(self._prev))
             rec.prev_norms = put(last[1])
         self._last_norms = (rec.step, norms)
 
@@ -356,10 +407,14 @@ class Tracer:
         groups = getattr(self.optimizer, "param_groups", [])
         rec.lrs = [(i, rec.slots.put(_scalar(g["lr"]))) for i, g in enumerate(groups) if "lr" in g]
 
+    def _tracked_locals(self) -> list[Tensor]:
+        """The tracked weights, local shards of sharded ones (:func:`covshift.distributed.local`)."""
+        return [distributed.local(self._params[i]) for _, _, i in self._tracked]
+
     def _snapshot(self) -> None:
         """Keep the tracked weights as they are before the next optimizer step."""
         with torch.no_grad():
-            params = [self._params[i] for _, _, i in self._tracked]
+            params = self._tracked_locals()
             if self._prev is None or not params:
                 self._prev = [p.detach().clone() for p in params]
             else:
@@ -396,25 +451,36 @@ class Tracer:
     # flushing --------------------------------------------------------------------------
     def flush(self) -> None:
         """Write every recorded step to the file now, in one transaction (one host sync).
-        A batch that cannot be written is kept and retried at the next flush."""
+        A batch that cannot be written is kept and retried at the next flush. Under
+        ``torch.distributed`` it is collective: call it on every rank."""
         self._flush(now=True)
 
     def _flush(self, now: bool) -> None:
         """Gather and summarise the pending steps; write them (with the batches kept
         since the last write) when ``now`` or ``write_every`` seconds have passed."""
-        if self._saver is None or self._closed:
+        if not self._started or self._closed:
             return
-        if not self._pending and not self._log_rows:
+        if not self._pending and not self._log_rows and self._ranks is None:
             self._saver.save(now=now)
             return
         records, self._pending, self._recorded = self._pending, [], 0
         logged, rows, self._logged, self._log_rows = self._logged, self._log_rows, Slots(), []
         fetch([r.slots for r in records] + [logged])
-        known = list(self._layers.values())
-        layers = Layers([x.name for x in known], [x.kind for x in known], [x.edges for x in known], self.bins)
-        summary = summarize(gather(records, self._arena), layers, {r.step for r in records if r.detail})
+        calls: Calls | None = gather(records, self._arena)
+        if self._ranks is not None:
+            calls = self._global(calls, records)
         if not self._current.calls and not self._current.grads:
             self._arena.reset()  # nothing of the step in progress is in it
+        if calls is None or self._saver is None:  # another rank's flush, or a failed one
+            if self._ranks is not None and self._ranks.failed:
+                self._detach()
+            return
+        if not records and not rows:  # ranks flush together even when they have nothing
+            self._saver.save(now=now)
+            return
+        known = list(self._layers.values())
+        layers = Layers([x.name for x in known], [x.kind for x in known], [x.edges for x in known], self.bins)
+        summary = summarize(calls, layers, {r.step for r in records if r.detail})
         for layer, edges in zip(known, layers.edges):
             layer.edges = edges
         run_columns(summary, records)
@@ -424,6 +490,44 @@ class Tracer:
         batch.columns, batch.units, batch.hists = summary.columns, summary.units, summary.hists
         batch.layers = self._layer_rows(({row[1] for row in batch.scalars} | {k[0] for k in batch.columns}) - {""})
         self._saver.save(batch, now=now)
+
+    def _global(self, calls: Calls, records: list[StepRecord]) -> Calls | None:
+        """On rank 0, the calls of every rank merged, and the loss and the norms of sharded
+        parameters of ``records`` made global; None on the other ranks and after a failure."""
+        assert self._ranks is not None
+        names = list(self._layers)
+        whole = np.array([x.kind is not None and not x.kind.of_input for x in self._layers.values()], dtype=bool)
+        cut = self._ranks.part(calls, self.sample_size, whole, {r.step for r in records if r.detail})
+        share = distributed.Share(cut, names,
+                                  {r.step: float(r.slots.get(r.loss)[0]) for r in records if r.loss is not None},
+                                  {r.step: self._local_norms(r) for r in records} if self._copies.any() else {})
+        shares = self._ranks.gather(share)
+        if shares is None:
+            return None
+        try:
+            merged = distributed.merge(shares, names)
+        except ValueError as error:
+            self._ranks.failed = str(error)
+            warnings.warn(f"covshift: {error}; distributed recording stops here", RuntimeWarning, stacklevel=3)
+            return None
+        for rec in records:
+            if rec.loss is not None:
+                rec.slots.host[rec.loss] = np.array([np.mean([s.losses[rec.step] for s in shares
+                                                               if rec.step in s.losses])])
+            for key, (handle, index) in self._norm_handles(rec).items():
+                if handle is not None and share.norms:
+                    copies = self._copies[index]
+                    rec.slots.host[handle] = distributed.combine_norms([s.norms[rec.step][key] for s in shares], copies)
+        return merged
+
+    def _norm_handles(self, rec: StepRecord) -> dict[str, tuple[int | None, list[int]]]:
+        """The record's parameter norms by kind: ``(slot, indices of their parameters)``."""
+        tracked = [i for _, _, i in rec.tracked]
+        return {"grad": (rec.grad_norms, rec.grad_params), "weight": (rec.weight_norms, tracked),
+                "update": (rec.update_norms, tracked), "prev": (rec.prev_norms, tracked)}
+
+    def _local_norms(self, rec: StepRecord) -> dict[str, np.ndarray]:
+        return {key: rec.slots.get(h) for key, (h, _) in self._norm_handles(rec).items() if h is not None}
 
     def _layer_rows(self, seen: set[str]) -> list[tuple[str, str, str | None, int, list[float] | None]]:
         """The writer's layer registrations for the layers in a batch, positions given in

@@ -102,3 +102,17 @@ def test_report_gallery():
     readme = (ROOT / "README.md").read_text()
     for link in ("reports/mlp_sigmoid/batchnorm_training_loss.png", "reports/README.md"):
         assert link in readme and (ROOT / link).is_file()
+
+
+def test_ddp_example_under_torchrun(tmp_path):
+    out = tmp_path / "ddp.covshift"
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "examples" / "ddp_train.py"), "--epochs", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trace = covshift.load(out)
+    assert trace.config("ddp")["tracer"]["world_size"] == 2
+    assert len(trace.series("ddp", "", "loss")[0]) == 23  # 1438 digits, global batch 64
+    assert trace.layers == [str(i) for i in range(7)]  # no "module." prefix
+    assert "ranks: 2" in done.stdout
