@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -124,20 +124,34 @@ class Ranks:
 
     def gather(self, share: Share) -> list[Share] | None:
         """Every rank's share on rank 0 (None elsewhere, and None everywhere once a
-        collective has failed)."""
+        collective has failed). The samples, nearly all of the bytes, travel as one tensor
+        (pickling them, as ``gather_object`` does, takes 3-4 times as long); the rest as
+        objects."""
         import torch.distributed as dist
 
         if self.failed is not None:
             return None
+        samples = torch.from_numpy(share.calls.samples)
         shares: list[Share] | None = [share] * self.world if self.writes else None
         try:
-            dist.gather_object(share, shares, dst=0, group=self.group)
+            longest = torch.tensor([len(samples)])
+            dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.group)
+            if len(samples) < int(longest):
+                samples = torch.cat([samples, samples.new_zeros(int(longest) - len(samples))])
+            parts = [torch.empty_like(samples) for _ in range(self.world)] if self.writes else None
+            dist.gather(samples, parts, dst=0, group=self.group)
+            rest = replace(share, calls=replace(share.calls, samples=share.calls.samples[:0]))
+            dist.gather_object(rest, shares, dst=0, group=self.group)
         except Exception as error:  # a rank died or timed out: recording stops, training does not
             self.failed = f"{type(error).__name__}: {error}".splitlines()[0]
             warnings.warn(f"covshift: rank {self.rank} could not gather the other ranks' statistics "
                           f"({self.failed}); distributed recording stops here", RuntimeWarning, stacklevel=3)
             return None
-        return shares if self.writes else None
+        if shares is None or parts is None:
+            return None
+        for one, part in zip(shares, parts):
+            one.calls.samples = part.numpy()
+        return shares
 
     def close(self) -> None:
         """Release covshift's process group."""
@@ -158,12 +172,19 @@ class Ranks:
         if np.array_equal(keep, calls.length):
             return calls
         inputs = {c: x[:most[c]] for c, x in calls.inputs.items()}
-        start = np.concatenate([[0], np.cumsum(keep)[:-1]]).astype(np.int64)
-        take = np.repeat(calls.start - start, keep) + np.arange(int(keep.sum()))
+        samples = np.empty(int(keep.sum()), dtype=calls.samples.dtype)
+        start = np.empty(len(keep), dtype=np.int64)
+        done = 0
+        for length in np.unique(keep).tolist():  # the calls cut to one length: rows copied in one go
+            rows = np.flatnonzero(keep == length)
+            windows = np.lib.stride_tricks.sliding_window_view(calls.samples, length)
+            samples[done:done + len(rows) * length].reshape(len(rows), length)[:] = windows[calls.start[rows]]
+            start[rows] = done + length * np.arange(len(rows))
+            done += len(rows) * length
         moments = calls.moments.copy()
         moments[:, 0] *= keep / calls.length  # the sample's sum over its length is the shift: kept
         return Calls(step=calls.step, layer=calls.layer, size=calls.size, moments=moments,
-                     samples=calls.samples[take], start=start, length=keep, inputs=inputs,
+                     samples=samples, start=start, length=keep, inputs=inputs,
                      maxima=calls.maxima, units=calls.units, grad_step=calls.grad_step, grad_layer=calls.grad_layer,
                      grad_size=calls.grad_size, grad_sumsq=calls.grad_sumsq, ranks=calls.ranks)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from . import distributed, stats
+from . import distributed as dist, stats
 from .layers import ROOT, calls_children_functionally, first_tensor, functional_candidates, select_layers
 from .records import Arena, Calls, Slots, StepRecord, fetch, gather
 from .columns import Layers, run_columns, summarize
@@ -74,7 +74,8 @@ class Tracer:
     FSDP2 under ``torchrun``), create the Tracer on every rank with the same path: the
     statistics are those of the global batch, merged at each flush, and only rank 0
     writes the file (:mod:`covshift.distributed`); a flush waits at most ``dist_timeout``
-    seconds for the other ranks.
+    seconds for the other ranks. ``distributed=False`` records this process alone (a Tracer
+    on one rank only, writing its own file); the default, None, decides by the group.
     """
 
     def __init__(
@@ -95,7 +96,8 @@ class Tracer:
         overwrite: bool = False,
         include_eval: bool = False,
         max_unsaved: int = 10_000,
-        dist_timeout: float = distributed.DEFAULT_TIMEOUT,
+        distributed: bool | None = None,
+        dist_timeout: float = dist.DEFAULT_TIMEOUT,
     ) -> None:
         for label, value in [("every", every), ("detail_every", detail_every), ("flush_every", flush_every),
                              ("sample_size", sample_size), ("bins", bins), ("max_unsaved", max_unsaved)]:
@@ -103,23 +105,25 @@ class Tracer:
                 raise ValueError(f"{label} must be a positive integer, got {value!r}")
         if not isinstance(write_every, (int, float)) or not write_every >= 0:
             raise ValueError(f"write_every must be a number of seconds >= 0, got {write_every!r}")
+        if distributed not in (None, True, False):
+            raise ValueError(f"distributed must be True, False or None, got {distributed!r}")
         if detail_every % every:
             raise ValueError(f"detail_every ({detail_every}) must be a multiple of every ({every})")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        model = distributed.unwrap(model)  # torch.compile's and DDP's wrappers: hook the model they wrap
+        model = dist.unwrap(model)  # torch.compile's and DDP's wrappers: hook the model they wrap
         self.model, self.path, self.run, self.optimizer = model, os.fspath(path), run, optimizer
         self.every, self.detail_every, self.flush_every = every, detail_every, flush_every
         self.sample_size, self.bins, self.overwrite = sample_size, bins, overwrite
         self.include_eval, self.max_unsaved, self.write_every = include_eval, max_unsaved, float(write_every)
         self.config = dict(config or {})
-        self.dist_timeout = float(dist_timeout)
-        self._ranks: distributed.Ranks | None = None
+        self.distributed, self.dist_timeout = distributed, float(dist_timeout)
+        self._ranks: dist.Ranks | None = None
         self._started = False
         self._prev: list[Tensor] | None = None  # the tracked weights before the step's update
         self._last_norms: tuple[int, Tensor] | None = None  # (step, weight norms) of the last recorded step
         self._params = [p for p in model.parameters() if p.requires_grad]
-        self._copies = np.array([distributed.replicas(p) for p in self._params], dtype=np.int64)
+        self._copies = np.array([dist.replicas(p) for p in self._params], dtype=np.int64)
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._tracked: list[tuple[str, str, int]] = []  # (layer, attribute, index into _params)
         self._layers: dict[str, _Layer] = {}
@@ -162,7 +166,10 @@ class Tracer:
         Under ``torch.distributed``, every rank must call it: it is collective."""
         if self._started:
             raise RuntimeError("this Tracer has already been started")
-        self._ranks = distributed.Ranks.detect(self.dist_timeout)
+        self._ranks = None if self.distributed is False else dist.Ranks.detect(self.dist_timeout)
+        if self.distributed and self._ranks is None:
+            raise RuntimeError("Tracer(distributed=True) needs an initialised torch.distributed process group "
+                               "of several processes")
         world = 1 if self._ranks is None else self._ranks.world
         settings = {"every": self.every, "detail_every": self.detail_every, "sample_size": self.sample_size,
                     "bins": self.bins, "include_eval": self.include_eval, "world_size": world}
@@ -199,7 +206,7 @@ class Tracer:
             if index is not None and index not in tracked:
                 self._tracked.append((name, attr, index))
                 if self._prev is not None:  # added during a step: its weight before the update
-                    self._prev.append(distributed.local(param).detach().clone())
+                    self._prev.append(dist.local(param).detach().clone())
         return layer
 
     def _hook(self, layer: _Layer) -> None:
@@ -373,7 +380,7 @@ class Tracer:
         have = [i for i, p in enumerate(self._params) if p.grad is not None and not p.grad.is_sparse]
         if have:
             rec.grad_params = have
-            rec.grad_norms = put(stats.norms([distributed.local(self._params[i].grad) for i in have]))
+            rec.grad_norms = put(stats.norms([dist.local(self._params[i].grad) for i in have]))
         if not self._tracked:
             return
         params = self._tracked_locals()
@@ -408,8 +415,8 @@ class Tracer:
         rec.lrs = [(i, rec.slots.put(_scalar(g["lr"]))) for i, g in enumerate(groups) if "lr" in g]
 
     def _tracked_locals(self) -> list[Tensor]:
-        """The tracked weights, local shards of sharded ones (:func:`covshift.distributed.local`)."""
-        return [distributed.local(self._params[i]) for _, _, i in self._tracked]
+        """The tracked weights, local shards of sharded ones (:func:`covshift.dist.local`)."""
+        return [dist.local(self._params[i]) for _, _, i in self._tracked]
 
     def _snapshot(self) -> None:
         """Keep the tracked weights as they are before the next optimizer step."""
@@ -498,14 +505,14 @@ class Tracer:
         names = list(self._layers)
         whole = np.array([x.kind is not None and not x.kind.of_input for x in self._layers.values()], dtype=bool)
         cut = self._ranks.part(calls, self.sample_size, whole, {r.step for r in records if r.detail})
-        share = distributed.Share(cut, names,
+        share = dist.Share(cut, names,
                                   {r.step: float(r.slots.get(r.loss)[0]) for r in records if r.loss is not None},
                                   {r.step: self._local_norms(r) for r in records} if self._copies.any() else {})
         shares = self._ranks.gather(share)
         if shares is None:
             return None
         try:
-            merged = distributed.merge(shares, names)
+            merged = dist.merge(shares, names)
         except ValueError as error:
             self._ranks.failed = str(error)
             warnings.warn(f"covshift: {error}; distributed recording stops here", RuntimeWarning, stacklevel=3)
@@ -517,7 +524,7 @@ class Tracer:
             for key, (handle, index) in self._norm_handles(rec).items():
                 if handle is not None and share.norms:
                     copies = self._copies[index]
-                    rec.slots.host[handle] = distributed.combine_norms([s.norms[rec.step][key] for s in shares], copies)
+                    rec.slots.host[handle] = dist.combine_norms([s.norms[rec.step][key] for s in shares], copies)
         return merged
 
     def _norm_handles(self, rec: StepRecord) -> dict[str, tuple[int | None, list[int]]]:

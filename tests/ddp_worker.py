@@ -4,7 +4,7 @@
 
 MODE ``ddp``: DistributedDataParallel, each rank on its shard of the global batch;
 ``fsdp``: the same with FSDP2's ``fully_shard``; ``fail``: DDP where rank 1 raises at
-step 3; ``reference`` (one process, no torchrun): the model on the whole global batch.
+step 3; ``rank0``: DDP traced on rank 0 alone (``distributed=False``); ``reference`` (one process, no torchrun): the model on the whole global batch.
 """
 
 from __future__ import annotations
@@ -60,20 +60,30 @@ def main(path: str, mode: str, sample_size: int) -> None:
         else:
             net = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    xs, ys = data()
     shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
-    with covshift.Tracer(net, path, run="run", optimizer=opt, flush_every=4, detail_every=2, sample_size=sample_size,
-                         write_every=0, dist_timeout=TIMEOUT) as tracer:
-        for step in range(STEPS):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(net(xs[step, shard]), ys[step, shard])
-            loss.backward()
-            if mode == "fail" and rank == 1 and step == FAIL_AT:
-                raise RuntimeError("rank 1 failed on purpose")
-            opt.step()
-            tracer.step(loss=loss)
+    if mode == "rank0" and rank != 0:  # a Tracer on rank 0 alone, recording its shard
+        train(net, opt, shard, None)
+    else:
+        with covshift.Tracer(net, path, run="run", optimizer=opt, flush_every=4, detail_every=2,
+                             sample_size=sample_size, write_every=0, dist_timeout=TIMEOUT,
+                             distributed=False if mode == "rank0" else None) as tracer:
+            train(net, opt, shard, tracer, fail=mode == "fail" and rank == 1)
     if distributed:
         torch.distributed.destroy_process_group()
+
+
+def train(net: nn.Module, opt: torch.optim.Optimizer, shard: slice, tracer: covshift.Tracer | None,
+          fail: bool = False) -> None:
+    xs, ys = data()
+    for step in range(STEPS):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(xs[step, shard]), ys[step, shard])
+        loss.backward()
+        if fail and step == FAIL_AT:
+            raise RuntimeError("rank 1 failed on purpose")
+        opt.step()
+        if tracer is not None:
+            tracer.step(loss=loss)
 
 
 if __name__ == "__main__":

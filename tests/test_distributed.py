@@ -113,6 +113,23 @@ def test_a_rank_that_raises_ends_the_job_at_once_with_its_own_error(tmp_path: Pa
     assert trace.config("run")["tracer"]["world_size"] == 2
 
 
+def test_a_tracer_on_rank_0_alone_records_its_shard(tmp_path: Path, reference: covshift.Trace) -> None:
+    done, path = torchrun(tmp_path, "rank0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    trace = covshift.load(path)
+    assert trace.config("run")["tracer"]["world_size"] == 1
+    both = joined(trace, reference)
+    mean = both[both.metric == "mean"]
+    assert (mean.value - mean.value_ref).abs().max() > 1e-3  # half of the batch only
+
+
+def test_distributed_needs_a_process_group(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="process group"):
+        covshift.Tracer(nn.Linear(2, 2), tmp_path / "t.covshift", distributed=True).start()
+    with pytest.raises(ValueError, match="distributed must be"):
+        covshift.Tracer(nn.Linear(2, 2), tmp_path / "t.covshift", distributed="yes")
+
+
 # ---- one process: the pieces ------------------------------------------------------------
 def calls_of(x: np.ndarray, step: int = 0, layer: int = 0) -> Calls:
     """The record of one call of ``x``, sampled whole, as the Tracer writes it."""

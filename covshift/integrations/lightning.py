@@ -64,7 +64,8 @@ class CovshiftCallback(Callback):
         if not trainer.is_global_zero:
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.tracer = Tracer(pl_module, self.path, self.run, optimizer=optimizer, **self.tracer_options).start()
+        self.tracer = Tracer(pl_module, self.path, self.run, optimizer=optimizer,
+                             **{"distributed": False, **self.tracer_options}).start()
         self._last_step, self._loss = trainer.global_step, None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,

@@ -90,7 +90,7 @@ class CovshiftCallback(TrainerCallback):
                        model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
         if state.is_world_process_zero and model is not None:
             self.tracer = Tracer(model, self.path, self.run, optimizer=torch_optimizer(optimizer),
-                                 **self.tracer_options).start()
+                                 **{"distributed": False, **self.tracer_options}).start()
             self._between_steps.enter_context(self.tracer.paused())  # until the first step begins
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
