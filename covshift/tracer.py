@@ -156,7 +156,7 @@ class Tracer:
             self.close()
             return
         try:  # the training's exception goes on; closing must not replace it
-            self._close(failed=True)
+            self.close(error)
         except Exception as problem:
             warnings.warn(f"covshift: closing the trace after {kind.__name__} failed too: {problem}",
                           RuntimeWarning, stacklevel=2)
@@ -220,15 +220,13 @@ class Tracer:
         self._probes.clear()
         self._called = None
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
         """Flush what is recorded, remove every hook and close the file. Safe to call twice.
-        Under ``torch.distributed`` it is collective, like :meth:`flush`."""
-        self._close(failed=False)
-
-    def _close(self, failed: bool) -> None:
-        """Close; after an exception in the training (``failed``) a distributed Tracer takes
-        part in no collective (the other ranks may never reach one): the steps since its
-        last flush are not written."""
+        Under ``torch.distributed`` it is collective, like :meth:`flush`, unless ``error``,
+        the exception that ends the training, is given: then the Tracer takes part in no
+        collective (the other ranks may never reach one), and the steps since its last
+        flush are not written (``with`` does this)."""
+        failed = error is not None
         if self._closed or not self._started:
             return
         try:

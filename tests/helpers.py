@@ -29,3 +29,17 @@ def fit(model: nn.Module, path: Any, x: torch.Tensor, y: Any, steps: int, *, lr:
             if after_step is not None:
                 after_step(tracer, step)
     return model
+
+
+def torchrun(script: Any, *args: Any, cwd: Any, timeout: float = 180) -> "subprocess.CompletedProcess[str]":
+    """``torchrun --standalone --nproc_per_node 2 script args`` (CPU, one thread a process),
+    importing this checkout's covshift."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(covshift.__file__).parents[1])}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=cwd)

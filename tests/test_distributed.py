@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -19,8 +18,8 @@ import covshift
 from covshift import distributed, stats
 from covshift.records import Calls
 
-sys.path.insert(0, str(Path(__file__).parent))
-import ddp_worker  # noqa: E402
+import ddp_worker
+from helpers import torchrun
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 #: Metrics computed from every element (not from samples) and the run's scalars.
@@ -29,13 +28,9 @@ EXACT = {"mean", "var", "std", "min", "max", "calls", "nonfinite", "dead", "unit
          "bias.update_ratio"}
 
 
-def torchrun(tmp_path: Path, mode: str, *args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, Path]:
+def run(tmp_path: Path, mode: str, *args: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, Path]:
     trace = tmp_path / f"{mode}.covshift"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(covshift.__file__).parents[1])}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(WORKER), str(trace), mode, *args], capture_output=True, text=True, timeout=timeout,
-                          env=env, cwd=tmp_path)
-    return done, trace
+    return torchrun(WORKER, trace, mode, *args, cwd=tmp_path, timeout=timeout), trace
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +62,7 @@ def assert_exact(both: pd.DataFrame, metrics: set[str]) -> None:
 
 def test_ddp_statistics_are_those_of_one_process_on_the_global_batch(tmp_path: Path,
                                                                      reference: covshift.Trace) -> None:
-    done, path = torchrun(tmp_path, "ddp")
+    done, path = run(tmp_path, "ddp")
     assert done.returncode == 0, done.stderr[-3000:]
     trace = covshift.load(path)
     assert trace.layers == reference.layers  # DDP's "module." prefix is not in the names
@@ -87,13 +82,13 @@ def test_ddp_statistics_are_those_of_one_process_on_the_global_batch(tmp_path: P
 
 
 def test_fsdp2_parameter_metrics_are_global(tmp_path: Path, reference: covshift.Trace) -> None:
-    done, path = torchrun(tmp_path, "fsdp")
+    done, path = run(tmp_path, "fsdp")
     assert done.returncode == 0, done.stderr[-3000:]
     assert_exact(joined(covshift.load(path), reference), EXACT)
 
 
 def test_samples_stay_the_size_of_one_process(tmp_path: Path, reference: covshift.Trace) -> None:
-    done, path = torchrun(tmp_path, "ddp", "64")
+    done, path = run(tmp_path, "ddp", "64")
     assert done.returncode == 0, done.stderr[-3000:]
     both = joined(covshift.load(path), reference)
     assert_exact(both, EXACT - {"nonfinite"})
@@ -103,7 +98,7 @@ def test_samples_stay_the_size_of_one_process(tmp_path: Path, reference: covshif
 
 def test_a_rank_that_raises_ends_the_job_at_once_with_its_own_error(tmp_path: Path) -> None:
     start = time.monotonic()
-    done, path = torchrun(tmp_path, "fail", timeout=ddp_worker.TIMEOUT * 3)
+    done, path = run(tmp_path, "fail", timeout=ddp_worker.TIMEOUT * 3)
     # rank 1 raised inside the Tracer's block: it takes part in no collective, exits, and the
     # others stop at their next collective instead of waiting for it (covshift's: dist_timeout)
     assert done.returncode != 0
@@ -114,7 +109,7 @@ def test_a_rank_that_raises_ends_the_job_at_once_with_its_own_error(tmp_path: Pa
 
 
 def test_a_tracer_on_rank_0_alone_records_its_shard(tmp_path: Path, reference: covshift.Trace) -> None:
-    done, path = torchrun(tmp_path, "rank0")
+    done, path = run(tmp_path, "rank0")
     assert done.returncode == 0, done.stderr[-3000:]
     trace = covshift.load(path)
     assert trace.config("run")["tracer"]["world_size"] == 1

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 import covshift
 from covshift.cli import app
+from helpers import torchrun
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -106,10 +107,7 @@ def test_report_gallery():
 
 def test_ddp_example_under_torchrun(tmp_path):
     out = tmp_path / "ddp.covshift"
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "examples" / "ddp_train.py"), "--epochs", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    done = torchrun(ROOT / "examples" / "ddp_train.py", "--epochs", "1", "--out", out, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     trace = covshift.load(out)
     assert trace.config("ddp")["tracer"]["world_size"] == 2

@@ -8,7 +8,9 @@ What the callback records, hook by hook:
 
 - ``on_train_start`` (after the sanity check): a :class:`covshift.Tracer` hooks the
   ``LightningModule`` (``pl_module``), reading the learning rate from the trainer's first
-  optimizer. Only the global-zero process records (under DDP, its own shard of each batch).
+  optimizer. Under DDP every process records its shard, and the trace holds the statistics
+  of the global batch, written by the global-zero process (see the README's *Distributed
+  training*); ``distributed=False`` in the options records the global-zero process alone.
 - ``on_train_batch_end``: when ``trainer.global_step`` has advanced since the last trace step,
   an optimizer step happened in this batch and the Tracer ends a step. With
   ``accumulate_grad_batches=k`` one trace step therefore covers k batches, whose forwards are
@@ -20,7 +22,8 @@ What the callback records, hook by hook:
   and at its end every scalar in ``trainer.callback_metrics`` that this validation set (for
   example ``val_loss`` from ``self.log("val_loss", ...)``) is logged at the last trace step
   under its own name. covshift's analysis reads ``val_loss`` and ``val_accuracy``.
-- ``on_fit_end`` and ``on_exception``: the Tracer is closed (recorded steps are written).
+- ``on_fit_end``: the Tracer is closed (recorded steps are written). ``on_exception``: the
+  Tracer is closed with the exception, so that under DDP it waits for no other process.
 """
 
 from __future__ import annotations
@@ -61,11 +64,10 @@ class CovshiftCallback(Callback):
         self._before: dict[str, Any] = {}
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.is_global_zero:
+        if self.tracer_options.get("distributed") is False and not trainer.is_global_zero:
             return
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
-        self.tracer = Tracer(pl_module, self.path, self.run, optimizer=optimizer,
-                             **{"distributed": False, **self.tracer_options}).start()
+        self.tracer = Tracer(pl_module, self.path, self.run, optimizer=optimizer, **self.tracer_options).start()
         self._last_step, self._loss = trainer.global_step, None
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any,
@@ -98,11 +100,12 @@ class CovshiftCallback(Callback):
         self.close()
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
-        self.close()
+        self.close(exception)
 
-    def close(self) -> None:
-        """Close the Tracer: write what was recorded and remove the hooks. Safe to call twice."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the Tracer: write what was recorded and remove the hooks (``error``: see
+        :meth:`covshift.Tracer.close`). Safe to call twice."""
         if self.tracer is not None:
             self._validation.close()
-            self.tracer.close()
+            self.tracer.close(error)
             self.tracer = None

@@ -9,8 +9,9 @@ What the callback records, event by event:
 
 - ``on_train_begin``: a :class:`covshift.Tracer` hooks ``model`` (the unwrapped model the
   Trainer trains), reading the learning rate from the Trainer's optimizer (the torch optimizer
-  inside accelerate's wrapper). Only the world
-  process zero records (under DDP, its own shard of each batch).
+  inside accelerate's wrapper). Under DDP every process records its shard, and the trace
+  holds the statistics of the global batch, written by world process zero (see the README's
+  *Distributed training*); ``distributed=False`` in the options records process zero alone.
 - ``on_optimizer_step`` (right after ``optimizer.step()``, once per optimizer step, so after
   gradient accumulation): the Tracer ends a step. The Trainer clears the gradients and steps
   the scheduler only after this event, so parameter gradients and the learning rate are those
@@ -25,8 +26,9 @@ What the callback records, event by event:
   ``val_<name>`` (so ``eval_loss`` becomes ``val_loss``, which covshift's analysis reads);
   speed entries (runtime, samples or steps per second) and ``epoch`` are left out.
 - ``on_train_end``: the Tracer is closed (recorded steps are written). The Trainer calls no
-  callback when training raises: call :meth:`CovshiftCallback.close` yourself (in a
-  ``finally:``) to write what was recorded.
+  callback when training raises: call :meth:`CovshiftCallback.close` yourself to write what
+  was recorded, with the exception under DDP (``except Exception as e: callback.close(e)``),
+  so that no process waits for the others.
 """
 
 from __future__ import annotations
@@ -88,9 +90,10 @@ class CovshiftCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:
-        if state.is_world_process_zero and model is not None:
+        alone = self.tracer_options.get("distributed") is False
+        if model is not None and (state.is_world_process_zero or not alone):
             self.tracer = Tracer(model, self.path, self.run, optimizer=torch_optimizer(optimizer),
-                                 **{"distributed": False, **self.tracer_options}).start()
+                                 **self.tracer_options).start()
             self._between_steps.enter_context(self.tracer.paused())  # until the first step begins
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
@@ -122,9 +125,10 @@ class CovshiftCallback(TrainerCallback):
                      **kwargs: Any) -> None:
         self.close()
 
-    def close(self) -> None:
-        """Close the Tracer: write what was recorded and remove the hooks. Safe to call twice."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Close the Tracer: write what was recorded and remove the hooks (``error``: see
+        :meth:`covshift.Tracer.close`). Safe to call twice."""
         if self.tracer is not None:
             self._between_steps.close()
-            self.tracer.close()
+            self.tracer.close(error)
             self.tracer = None
