@@ -161,17 +161,19 @@ class Ranks:
             dist.destroy_process_group(self.group)
 
     def part(self, calls: Calls, sample_size: int, whole: np.ndarray, detail: set[int]) -> Calls:
-        """``calls`` with each sample cut to a uniform random part of it, its first values
-        (:func:`covshift.stats.sample_indices`): ``sample_size // world`` values where the
-        whole sample is summarised (layers whose nonlinearity is a function of the output,
-        ``whole[layer]``; ``detail`` steps; outputs with non-finite values) and input samples,
-        elsewhere the ``PERCENTILE_VALUES // world`` values the percentiles use."""
+        """``calls`` with each sample (and input sample) cut to a uniform random part of it,
+        its first values (:func:`covshift.stats.sample_indices`): ``sample_size // world``
+        values where the whole sample is summarised (layers whose nonlinearity is a function
+        of the output, ``whole[layer]``; calls with an input sample; ``detail`` steps; outputs
+        with non-finite values), elsewhere the ``PERCENTILE_VALUES // world`` values the
+        percentiles use."""
         most = np.minimum(calls.length, max(1, sample_size // self.world))
         needed = whole[calls.layer] | np.isin(calls.step, list(detail)) | ~np.isfinite(calls.moments[:, 3:]).all(axis=1)
+        needed[list(calls.inputs)] = True
         keep = np.where(needed, most, np.minimum(most, -(-stats.PERCENTILE_VALUES // self.world)))
         if np.array_equal(keep, calls.length):
             return calls
-        inputs = {c: x[:most[c]] for c, x in calls.inputs.items()}
+        inputs = {c: x[:keep[c]] for c, x in calls.inputs.items()}
         samples = np.empty(int(keep.sum()), dtype=calls.samples.dtype)
         start = np.empty(len(keep), dtype=np.int64)
         done = 0

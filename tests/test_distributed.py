@@ -156,6 +156,9 @@ def test_part_keeps_a_prefix_and_the_moments() -> None:
     # where only the percentiles use the sample, each rank sends its share of their values
     assert ranks.part(calls, 8000, ~whole, set()).length.tolist() == [stats.PERCENTILE_VALUES // 4]
     assert ranks.part(calls, 8000, ~whole, {0}) is calls  # a detail step: histograms
+    calls.inputs[0] = calls.samples - 1.0
+    assert ranks.part(calls, 8000, ~whole, set()) is calls  # an input sample: derivatives (GELU)
+    assert ranks.part(calls, 400, ~whole, set()).inputs[0].tolist() == (calls.samples[:100] - 1.0).tolist()
 
 
 def test_merge_of_two_halves_is_the_whole() -> None:
