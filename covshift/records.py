@@ -78,6 +78,10 @@ class Staging(Arena):
     come in the same order (torch.compile then runs one graph, with no guard that changes
     from step to step). :meth:`move` hands the step over to the flush's arena.
 
+    With ``parts``, :meth:`take` in a compiled graph hands out a new tensor for the place
+    instead of a view: a graph that writes into slices of one buffer rewrites the whole
+    buffer for every slice (functionalization), where new tensors are plain graph outputs.
+
     >>> staging, arena = Staging(8), Arena(8)
     >>> staging.take(3, torch.ones(1))[2].fill_(2.0).tolist()
     [2.0, 2.0, 2.0]
@@ -85,22 +89,41 @@ class Staging(Arena):
     ([(0, 0)], [2.0, 2.0, 2.0], [0])
     """
 
+    def __init__(self, size: int = 1 << 16, fill: float | None = None, parts: bool = False) -> None:
+        super().__init__(size, fill)
+        self.with_parts = parts
+        self.parts: dict[int, list[tuple[int, Tensor]]] = {}  # buffer -> (offset, tensor) handed out compiled
+
+    def take(self, n: int, like: Tensor) -> tuple[int, int, Tensor]:
+        index, offset, view = super().take(n, like)
+        if self.with_parts and torch.compiler.is_compiling():
+            view = torch.empty_like(view)
+            self.parts.setdefault(index, []).append((offset, view))
+        return index, offset, view
+
     def move(self, arena: Arena) -> list[tuple[int, int]]:
         """Copy the step's records into ``arena``, one copy per buffer, and start the next
         step; return where each buffer's records went, ``(arena buffer, offset)``. A kind
         that needed several buffers gets one as large as the step needed."""
         places, need = [], {}
-        for buffer, used in zip(self.buffers, self.used):
+        for index, (buffer, used) in enumerate(zip(self.buffers, self.used)):
             key = (buffer.dtype, buffer.device)
             need[key] = need.get(key, 0) + used
             if not used:
-                places.append((0, 0))
+                places.append((-1, 0))  # nothing of the step in it
                 continue
             at_buffer, at, view = arena.take(used, buffer)
-            view.copy_(buffer[:used])
             places.append((at_buffer, at))
+            parts = self.parts.get(index, [])
+            if sum(part.numel() for _, part in parts) == used:  # a compiled step: all of it in parts
+                torch.cat([part for _, part in parts], out=view)
+                continue
+            view.copy_(buffer[:used])
+            for offset, part in parts:
+                view[offset:offset + part.numel()].copy_(part)
             if self.fill is not None:
                 buffer[:used].fill_(self.fill)
+        self.parts = {}
         if len(self.buffers) > len(self.current):
             self.buffers, self.used, self.current = [], [], {}
             for (dtype, device), n in need.items():
@@ -234,7 +257,7 @@ class _Origins:
 
     def __init__(self, records: list[StepRecord], bases: np.ndarray, attr: str) -> None:
         places = [getattr(r, attr) for r in records]
-        self.origins = np.array([bases[b] + at for p in places for b, at in p], dtype=np.int64)
+        self.origins = np.array([bases[b] + at if b >= 0 else 0 for p in places for b, at in p], dtype=np.int64)
         self.first = np.cumsum([0] + [len(p) for p in places])[:-1].astype(np.int64)
 
     def __call__(self, record: np.ndarray, buffer: np.ndarray, offset: np.ndarray) -> np.ndarray:
