@@ -14,20 +14,18 @@ and no recompile).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import tempfile
-import time
+from functools import partial
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
 from torch._dynamo.utils import counters
 
 import covshift
-from overhead import cnn, deep, mlp, sync
+from overhead import cnn, deep, mlp, parse_steps, step_parser, time_block
 
 MODELS = {"mlp": mlp, "cnn": cnn, "deep": deep}
 KINDS = ("eager", "eager+traced", "compiled", "compiled+traced")
@@ -54,20 +52,7 @@ def measure(name: str, build: Callable, device: torch.device, rounds: int, block
             tracers.append(tracer)
         forward = torch.compile(model) if kind.startswith("compiled") else model
 
-        def run(forward=forward, opt=opt, tracer=tracer) -> float:
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(block):
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(forward(x), y)
-                loss.backward()
-                opt.step()
-                if tracer is not None:
-                    tracer.step(loss=loss)
-            sync(device)
-            return time.perf_counter() - start
-
-        runs[kind] = run
+        runs[kind] = partial(time_block, forward, opt, tracer, x, y, block, device)
     # the traced copy compiles first: dynamo does not guard on module hooks, so a graph compiled
     # for the plain copy (same code) would run the traced copy without them
     counters.clear()
@@ -98,20 +83,7 @@ def measure(name: str, build: Callable, device: torch.device, rounds: int, block
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--block", type=int, default=20, help="steps per timed block")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--models", default="mlp,cnn", help=f"comma-separated, of: {', '.join(MODELS)}")
-    args = parser.parse_args()
-    unknown = set(args.models.split(",")) - set(MODELS)
-    if unknown:
-        parser.error(f"unknown --models {', '.join(sorted(unknown))}; choose from {', '.join(MODELS)}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    print(f"torch {torch.__version__}, covshift {covshift.__version__}, {torch.get_num_threads()} CPU threads")
+    args, device = parse_steps(step_parser(__doc__, list(MODELS), rounds=10, block=20), list(MODELS))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             measure(name, MODELS[name], device, args.rounds, args.block, Path(folder))
