@@ -24,6 +24,7 @@ import copy
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -78,6 +79,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def time_block(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
+               tracer: covshift.Tracer | None, x: torch.Tensor, y: torch.Tensor, block: int,
+               device: torch.device) -> float:
+    """Seconds for ``block`` training steps on the batch ``(x, y)``, each ended by ``tracer``."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(block):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(forward(x), y)
+        loss.backward()
+        opt.step()
+        if tracer is not None:
+            tracer.step(loss=loss)
+    sync(device)
+    return time.perf_counter() - start
+
+
 def measure(name: str, build, device: torch.device, rounds: int, block: int, folder: Path,
             target: float) -> float:
     torch.manual_seed(0)
@@ -90,18 +108,7 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
     opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (plain, traced)}
 
     def run(model: nn.Module, tracer: covshift.Tracer | None) -> float:
-        opt = opts[id(model)]
-        sync(device)
-        start = time.perf_counter()
-        for _ in range(block):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            opt.step()
-            if tracer is not None:
-                tracer.step(loss=loss)
-        sync(device)
-        return time.perf_counter() - start
+        return time_block(model, opts[id(model)], tracer, x, y, block, device)
 
     ratios, plain_times = [], []
     with covshift.Tracer(traced, folder / f"{name}.covshift", optimizer=opts[id(traced)]) as tracer:
@@ -122,22 +129,33 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
     return ratio
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def step_parser(doc: str, models: list[str], rounds: int, block: int) -> argparse.ArgumentParser:
+    """The options of a benchmark of training steps on ``models``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--block", type=int, default=50, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--block", type=int, default=block, help="steps per timed block")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--models", default="mlp,cnn", help=f"comma-separated, of: {', '.join(TARGETS)}")
-    parser.add_argument("--channels", type=int, default=32, help="channels of the CNN's conv layers")
+    parser.add_argument("--models", default="mlp,cnn", help=f"comma-separated, of: {', '.join(models)}")
+    return parser
+
+
+def parse_steps(parser: argparse.ArgumentParser, models: list[str]) -> tuple[argparse.Namespace, torch.device]:
+    """Parse and check the options, set torch's threads and print the versions."""
     args = parser.parse_args()
-    unknown = set(args.models.split(",")) - set(TARGETS)
+    unknown = set(args.models.split(",")) - set(models)
     if unknown:
-        parser.error(f"unknown --models {', '.join(sorted(unknown))}; choose from {', '.join(TARGETS)}")
+        parser.error(f"unknown --models {', '.join(sorted(unknown))}; choose from {', '.join(models)}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     print(f"torch {torch.__version__}, covshift {covshift.__version__}, {torch.get_num_threads()} CPU threads")
+    return args, torch.device(args.device)
+
+
+def main() -> None:
+    parser = step_parser(__doc__, list(TARGETS), rounds=15, block=50)
+    parser.add_argument("--channels", type=int, default=32, help="channels of the CNN's conv layers")
+    args, device = parse_steps(parser, list(TARGETS))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             build = {"mlp": mlp, "cnn": partial(cnn, args.channels), "cnn8": cnn8, "deep": deep}[name]

@@ -29,8 +29,8 @@ class Arena:
     (0, 0, (3,))
     """
 
-    def __init__(self, size: int = 1 << 16) -> None:
-        self.size = size
+    def __init__(self, size: int = 1 << 16, fill: float | None = None) -> None:
+        self.size, self.fill = size, fill  # new buffers hold ``fill`` when given
         self.buffers: list[Tensor] = []
         self.used: list[int] = []
         self.current: dict[tuple[torch.dtype, torch.device], int] = {}
@@ -41,12 +41,20 @@ class Arena:
         index = self.current.get(key)
         if index is None or self.used[index] + n > self.buffers[index].numel():
             grown = 2 * self.buffers[index].numel() if index is not None else 0
-            self.buffers.append(torch.empty(max(n, self.size, grown), dtype=like.dtype, device=like.device))
-            self.used.append(0)
-            index = self.current[key] = len(self.buffers) - 1
+            self.reserve(max(n, self.size, grown), like.dtype, like.device)
+            index = self.current[key]
         offset = self.used[index]
         self.used[index] = offset + n
         return index, offset, self.buffers[index][offset:offset + n]
+
+    def reserve(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Start a buffer of ``n`` elements that the next takes of its kind fill."""
+        shape = (n,)
+        buffer = torch.empty(shape, dtype=dtype, device=device) if self.fill is None else torch.full(
+            shape, self.fill, dtype=dtype, device=device)
+        self.buffers.append(buffer)
+        self.used.append(0)
+        self.current[(dtype, device)] = len(self.buffers) - 1
 
     def read(self) -> np.ndarray:
         """The used part of every buffer on the host, end to end (one copy per buffer; on
@@ -62,6 +70,67 @@ class Arena:
         self.buffers = [self.buffers[i] for i in self.current.values()]
         self.current = {key: i for i, key in enumerate(self.current)}
         self.used = [0] * len(self.buffers)
+
+
+class Staging(Arena):
+    """The step in progress: an :class:`Arena` that hooks write into from offset 0 at every
+    step, so that a call writes to the same place at every step as long as the step's calls
+    come in the same order (torch.compile then runs one graph, with no guard that changes
+    from step to step). :meth:`move` hands the step over to the flush's arena.
+
+    With ``parts``, :meth:`take` in a compiled graph hands out a new tensor for the place
+    instead of a view: a graph that writes into slices of one buffer rewrites the whole
+    buffer for every slice (functionalization), where new tensors are plain graph outputs.
+
+    >>> staging, arena = Staging(8), Arena(8)
+    >>> staging.take(3, torch.ones(1))[2].fill_(2.0).tolist()
+    [2.0, 2.0, 2.0]
+    >>> staging.move(arena), arena.read().tolist(), staging.used
+    ([(0, 0)], [2.0, 2.0, 2.0], [0])
+    """
+
+    def __init__(self, size: int = 1 << 16, fill: float | None = None, parts: bool = False) -> None:
+        super().__init__(size, fill)
+        self.with_parts = parts
+        self.parts: dict[int, list[tuple[int, Tensor]]] = {}  # buffer -> (offset, tensor) handed out compiled
+
+    def take(self, n: int, like: Tensor) -> tuple[int, int, Tensor]:
+        index, offset, view = super().take(n, like)
+        if self.with_parts and torch.compiler.is_compiling():
+            view = torch.empty_like(view)
+            self.parts.setdefault(index, []).append((offset, view))
+        return index, offset, view
+
+    def move(self, arena: Arena) -> list[tuple[int, int]]:
+        """Copy the step's records into ``arena``, one copy per buffer, and start the next
+        step; return where each buffer's records went, ``(arena buffer, offset)``. A kind
+        that needed several buffers gets one as large as the step needed."""
+        places, need = [], {}
+        for index, (buffer, used) in enumerate(zip(self.buffers, self.used)):
+            key = (buffer.dtype, buffer.device)
+            need[key] = need.get(key, 0) + used
+            if not used:
+                places.append((-1, 0))  # nothing of the step in it
+                continue
+            at_buffer, at, view = arena.take(used, buffer)
+            places.append((at_buffer, at))
+            parts = self.parts.get(index, [])
+            if sum(part.numel() for _, part in parts) == used:  # a compiled step: all of it in parts
+                torch.cat([part for _, part in parts], out=view)
+                continue
+            view.copy_(buffer[:used])
+            for offset, part in parts:
+                view[offset:offset + part.numel()].copy_(part)
+            if self.fill is not None:
+                buffer[:used].fill_(self.fill)
+        self.parts = {}
+        if len(self.buffers) > len(self.current):
+            self.buffers, self.used, self.current = [], [], {}
+            for (dtype, device), n in need.items():
+                self.reserve(max(n, self.size), dtype, device)
+        else:
+            self.used = [0] * len(self.buffers)
+        return places
 
 
 def _numpy(t: Tensor) -> np.ndarray:
@@ -117,11 +186,15 @@ class StepRecord:
     output size, sample buffer, sample offset, sample length, moments buffer, moments
     offset)`` into the :class:`Arena`, where the sample and ``[sample sum, S1, S2, min,
     max]`` (:func:`covshift.stats.moments`, shifted by the sample's mean) were written;
-    per gradient of an output ``(layer index, size, buffer, offset)`` of its sum of squares."""
+    per output that requires a gradient ``(layer index, size, buffer, offset)`` of its
+    gradient's sum of squares, :data:`UNSET` while no gradient came. Buffers and offsets
+    are the :class:`Staging`'s, ``places`` and ``grad_places`` say where they went."""
 
     step: int
     detail: bool = False  # a detail step: per-unit statistics and histograms
     calls: list[tuple[int, int, int, int, int, int, int]] = field(default_factory=list)
+    places: list[tuple[int, int]] = field(default_factory=list)  # Staging.move: buffer -> (arena buffer, offset)
+    grad_places: list[tuple[int, int]] = field(default_factory=list)  # the same for the gradients' buffers
     inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # call -> input sample (GELU, SiLU)
     maxima: dict[int, Tensor] = field(default_factory=dict)  # call -> per-unit maxima (ReLU family)
     units: dict[int, Tensor] = field(default_factory=dict)  # call -> unit sums (3 × units), detail steps
@@ -177,6 +250,23 @@ def _by_call(records: list[StepRecord], offsets: list[int], attr: str) -> dict[i
     return {key: values[start:end] for key, start, end in zip(keys, [0, *ends], ends)}
 
 
+#: The sum of squares of an output's gradient until the gradient comes (a true one is >= 0 or NaN).
+UNSET = -1.0
+
+
+class _Origins:
+    """Where the staging buffers of each record start among the values of :meth:`Arena.read`."""
+
+    def __init__(self, records: list[StepRecord], bases: np.ndarray, attr: str) -> None:
+        places = [getattr(r, attr) for r in records]
+        self.origins = np.array([bases[b] + at if b >= 0 else 0 for p in places for b, at in p], dtype=np.int64)
+        self.first = np.cumsum([0] + [len(p) for p in places])[:-1].astype(np.int64)
+
+    def __call__(self, record: np.ndarray, buffer: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """Positions of ``offset`` in staging ``buffer`` of record ``record`` (arrays alike)."""
+        return self.origins[self.first[record] + buffer] + offset
+
+
 def gather(records: list[StepRecord], arena: Arena) -> Calls:
     """Every call and gradient of ``records`` on the host, in one copy per arena buffer."""
     values, bases = arena.read(), arena.bases()
@@ -184,18 +274,25 @@ def gather(records: list[StepRecord], arena: Arena) -> Calls:
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
     steps = [r.step for r in records]
     calls = np.array([c for r in records for c in r.calls], dtype=np.int64).reshape(-1, 7)
-    start = bases[calls[:, 2]] + calls[:, 3]
-    moments = values[(bases[calls[:, 5]] + calls[:, 6])[:, None] + np.arange(5)].astype(np.float64)
+    owner = np.repeat(np.arange(len(records)), counts)
+    at = _Origins(records, bases, "places")
+    start = at(owner, calls[:, 2], calls[:, 3])
+    moments = values[at(owner, calls[:, 5], calls[:, 6])[:, None] + np.arange(5)].astype(np.float64)
+    sampled = np.array([(offset + call, i, b, off) for i, (rec, offset) in enumerate(zip(records, offsets))
+                        for call, (b, off) in rec.inputs.items()], dtype=np.int64).reshape(-1, 4)
+    inputs = {int(call): values[begin:begin + calls[call, 4]]
+              for call, begin in zip(sampled[:, 0], at(sampled[:, 1], sampled[:, 2], sampled[:, 3]))}
     grads = np.array([g for r in records for g in r.grads], dtype=np.int64).reshape(-1, 4)
-    inputs = {offset + call: values[bases[b] + at:bases[b] + at + calls[offset + call, 4]]
-              for rec, offset in zip(records, offsets) for call, (b, at) in rec.inputs.items()}
+    grad_step = np.repeat(steps, [len(r.grads) for r in records]).astype(np.int64)
+    grad_owner = np.repeat(np.arange(len(records)), [len(r.grads) for r in records])
+    sumsq = values[_Origins(records, bases, "grad_places")(grad_owner, grads[:, 2], grads[:, 3])].astype(np.float64)
+    came = ~(sumsq < 0)  # UNSET: no gradient reached the output
     return Calls(
         step=np.repeat(steps, counts).astype(np.int64), layer=calls[:, 0], size=calls[:, 1],
         moments=moments, samples=values, start=start, length=calls[:, 4], inputs=inputs,
         maxima=_by_call(records, offsets, "maxima"), units=_by_call(records, offsets, "units"),
-        grad_step=np.repeat(steps, [len(r.grads) for r in records]).astype(np.int64),
-        grad_layer=grads[:, 0], grad_size=grads[:, 1].astype(np.float64),
-        grad_sumsq=values[bases[grads[:, 2]] + grads[:, 3]].astype(np.float64),
+        grad_step=grad_step[came], grad_layer=grads[came, 0], grad_size=grads[came, 1].astype(np.float64),
+        grad_sumsq=sumsq[came],
     )
 
 

@@ -188,11 +188,12 @@ def flat_float(x: Tensor) -> Tensor:
     return x.reshape(-1)
 
 
-def moments(flat: Tensor, shift: Tensor, scratch: Tensor | None = None, out: Tensor | None = None,
+def moments(flat: Tensor, shift: Tensor | None, scratch: Tensor | None = None, out: Tensor | None = None,
             scale: float = 1.0) -> Tensor:
     """``[shift, S1, S2, min, max]`` of a non-empty 1-D tensor, with ``c = scale * shift``,
     ``S1 = sum(flat - c)`` and ``S2 = sum((flat - c)**2)``, written into ``out`` (5 elements
-    of ``flat``'s dtype, say a view of a preallocated buffer) when given.
+    of ``flat``'s dtype, say a view of a preallocated buffer) when given; ``shift=None``
+    when ``out[0]`` holds the shift already.
 
     With ``c`` near the mean (the tracer passes the sum of the layer's sample and
     ``1 / len(sample)``: a sum is one kernel where a mean is two), the variance stays exact
@@ -203,9 +204,11 @@ def moments(flat: Tensor, shift: Tensor, scratch: Tensor | None = None, out: Ten
     """
     out = torch.empty(5, dtype=flat.dtype, device=flat.device) if out is None else out
     first, s1, s2, lo, hi = out.unbind()
-    if shift.dtype != flat.dtype or shift.dim():
+    if shift is None:
+        shift = first
+    elif shift.dtype != flat.dtype or shift.dim():
         shift = shift.to(flat.dtype).reshape(())
-    if shift.data_ptr() != first.data_ptr():
+    if shift is not first:
         first.copy_(shift)
     d = torch.add(flat, shift, alpha=-scale, out=scratch) if scratch is not None else torch.add(flat, shift, alpha=-scale)
     torch.aminmax(flat, out=(lo, hi))
@@ -268,6 +271,32 @@ def sample_indices(numel: int, k: int, device: torch.device, seed: int = 0) -> T
     if numel <= k:
         return torch.randperm(numel, generator=gen).to(device)
     return torch.randint(numel, (k,), generator=gen).to(device)
+
+
+_DRAWN: dict[tuple[int, int, str], Tensor] = {}
+
+
+def _fixed_sample_indices(numel: int, k: int, device: torch.device) -> Tensor:
+    """:func:`sample_indices` (seed 0) drawn once per ``(numel, k, device)`` and then copied
+    from a cache."""
+    key = (numel, k, str(device))
+    if key not in _DRAWN:
+        _DRAWN[key] = sample_indices(numel, k, device)
+    return _DRAWN[key].clone()
+
+
+if hasattr(torch.library, "custom_op"):  # torch >= 2.4
+    #: :func:`sample_indices` as an operator that torch.compile keeps opaque, so that a
+    #: compiled graph takes a sample without a ``torch.Generator`` in it (which breaks the
+    #: graph). Before torch 2.4 it is a plain function, and the graph breaks there.
+    fixed_sample_indices = torch.library.custom_op("covshift::fixed_sample_indices", mutates_args=())(
+        _fixed_sample_indices)
+
+    @fixed_sample_indices.register_fake
+    def _(numel: int, k: int, device: torch.device) -> Tensor:
+        return torch.empty(min(numel, k), dtype=torch.int64, device=device)
+else:
+    fixed_sample_indices = _fixed_sample_indices
 
 
 def take_sample(flat: Tensor, idx: Tensor, out: Tensor | None = None) -> Tensor:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import distributed as dist, stats
 from .layers import ROOT, calls_children_functionally, first_tensor, functional_candidates, select_layers
-from .records import Arena, Calls, Slots, StepRecord, fetch, gather
+from .records import UNSET, Arena, Calls, Slots, Staging, StepRecord, fetch, gather
 from .columns import Layers, run_columns, summarize
 from .saving import Batch, Saver
 
@@ -127,11 +127,13 @@ class Tracer:
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._tracked: list[tuple[str, str, int]] = []  # (layer, attribute, index into _params)
         self._layers: dict[str, _Layer] = {}
+        self._by_index: list[_Layer] = []  # the layers by their index
         for name, module in select_layers(model, layers):
             self._add_layer(name, module)
         # default selection: containers to watch during step 0 (see covshift.layers)
         self._candidates = functional_candidates(model) if layers is None else []
         self._called: set[int] | None = set() if self._candidates else None  # ids of modules called in step 0
+        self._compiled = False  # whether hooks ran in a torch.compile'd forward
         self._handles: list[Any] = []
         self._probes: list[Any] = []
         self._saver: Saver | None = None
@@ -142,10 +144,15 @@ class Tracer:
         self._log_rows: list[tuple[int, str, str, int]] = []  # (step, layer, metric, handle)
         self._paused = False
         self._step = 0
+        self._recording = True  # self.recording, kept so that hooks do not read the step counter
         self._current = self._new_record()
         self._closed = False
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._arena = Arena()
+        # the step in progress, moved into the arena by step(); room for one call per layer
+        room = sum(sample_size * (1 + bool(x.kind and x.kind.of_input)) + 5 for x in self._layers.values())
+        self._staging = Staging(max(room, 1 << 12), parts=True)
+        self._grad_staging = Staging(max(len(self._layers), 64), fill=UNSET)
 
     # lifecycle -----------------------------------------------------------------------
     def __enter__(self) -> Tracer:
@@ -189,6 +196,7 @@ class Tracer:
         self._started = True
         for layer in list(self._layers.values()):
             self._hook(layer)
+        self._reserve()
         for name, module, children in self._candidates:
             self._probes.append(module.register_forward_hook(partial(self._on_container, name, children)))
         if self.optimizer is not None and hasattr(self.optimizer, "register_step_pre_hook"):
@@ -196,10 +204,20 @@ class Tracer:
         self._snapshot()
         return self
 
+    def _reserve(self) -> None:
+        """Allocate the staging buffers for the model's dtype and device now, outside a
+        compiled forward (where allocating them would make the next step's graph differ)."""
+        like = next((p for p in self.model.parameters() if p.is_floating_point()), None)
+        dtype = torch.float64 if like is not None and like.dtype == torch.float64 else torch.float32
+        device = torch.device("cpu") if like is None else like.device
+        for staging in (self._staging, self._grad_staging):
+            staging.reserve(staging.size, dtype, device)
+
     def _add_layer(self, name: str, module: nn.Module) -> _Layer:
         """Register a layer and track the trainable parameters it holds directly that no
         earlier layer holds (a tied weight stays with its first owner)."""
         layer = self._layers[name] = _Layer(name, len(self._layers), module, stats.nonlinearity(module))
+        self._by_index.append(layer)
         tracked = {i for _, _, i in self._tracked}
         for attr, param in module.named_parameters(recurse=False):
             index = self._index.get(id(param))
@@ -272,16 +290,19 @@ class Tracer:
     # hooks (device work only: no host synchronisation) ----------------------------------
     def _skips(self) -> bool:
         """Whether a forward now is not recorded."""
-        return (self._closed or self._paused or not self.recording or not torch.is_grad_enabled()
+        return (self._closed or self._paused or not self._recording or not torch.is_grad_enabled()
                 or not (self.model.training or self.include_eval))
 
     def _sample(self, layer: _Layer, flat: Tensor) -> tuple[int, int, Tensor]:
-        """Write the layer's sample of ``flat`` into the arena: ``(buffer, offset, view)``."""
+        """Write the layer's sample of ``flat`` into the staging: ``(buffer, offset, view)``."""
         n = flat.numel()
-        if n not in layer.indices:
-            layer.indices[n] = stats.sample_indices(n, self.sample_size, flat.device)
-        idx = layer.indices[n]
-        buffer, offset, view = self._arena.take(idx.numel(), flat)
+        if torch.compiler.is_compiling():  # drawn outside the graph, which holds no Generator
+            idx = stats.fixed_sample_indices(n, self.sample_size, flat.device)
+        else:
+            if n not in layer.indices:
+                layer.indices[n] = stats.sample_indices(n, self.sample_size, flat.device)
+            idx = layer.indices[n]
+        buffer, offset, view = self._staging.take(idx.numel(), flat)
         stats.take_sample(flat, idx, out=view)
         return buffer, offset, view
 
@@ -302,10 +323,13 @@ class Tracer:
         self._on_forward(layer, module, args, output)
 
     def _on_forward(self, layer: _Layer, module: nn.Module, args: Any, output: Any) -> None:
-        if layer.position is None:  # the first call, whatever its mode: forward order
+        # the first call, whatever its mode: forward order (compiled: step() places the
+        # layers in the order of their first recorded call, so the graph does not read this)
+        if not torch.compiler.is_compiling() and layer.position is None:
             layer.position = next(self._order)
         if self._called is not None:
             self._called.add(id(module))
+            self._compiled = torch.compiler.is_compiling()
         x_sample, layer.input_sample = layer.input_sample, None
         if self._skips():
             return
@@ -318,34 +342,36 @@ class Tracer:
         buffer, offset, sample = self._sample(layer, flat)
         if x_sample is not None and x_sample[2] == sample.numel():
             rec.inputs[call] = x_sample[:2]
-        at_buffer, at, row = self._arena.take(5, flat)
-        shift = torch.sum(sample, 0, out=row[0])  # the shift is the sample's mean, this sum / its length
-        stats.moments(flat, shift, self._scratch_for(flat), out=row, scale=1.0 / sample.numel())
+        at_buffer, at, row = self._staging.take(5, flat)
+        torch.sum(sample, 0, out=row[0])  # the shift is the sample's mean, this sum / its length
+        stats.moments(flat, None, self._scratch_for(flat), out=row, scale=1.0 / sample.numel())
         rec.calls.append((layer.index, flat.numel(), buffer, offset, sample.numel(), at_buffer, at))
         if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
             rec.maxima[call] = stats.unit_max(y)
-        if rec.detail and y.dim() >= 2:
+        # compiled: at every step, as the graph may not depend on the step (step() keeps them on detail steps)
+        if (torch.compiler.is_compiling() or rec.detail) and y.dim() >= 2:
             rec.units[call] = stats.unit_sums(y)
         if y.requires_grad:
-            y.register_hook(partial(self._on_grad, layer.index))
+            grad_buffer, grad_at, cell = self._grad_staging.take(1, flat)
+            rec.grads.append((layer.index, flat.numel(), grad_buffer, grad_at))
+            y.register_hook(partial(self._on_grad, cell))
 
-    def _scratch_for(self, flat: Tensor) -> Tensor:
+    def _scratch_for(self, flat: Tensor) -> Tensor | None:
         """A buffer for ``flat``'s shifted values: one per dtype and device, as large as the
         largest output so far, shared by every layer (hooks run one at a time, and device
-        work is ordered on the stream)."""
+        work is ordered on the stream). None when compiling: the graph keeps them in registers."""
+        if torch.compiler.is_compiling():
+            return None
         key = (flat.dtype, flat.device)
         buffer = self._scratch.get(key)
         if buffer is None or buffer.numel() < flat.numel():
             buffer = self._scratch[key] = torch.empty_like(flat)
         return buffer[: flat.numel()]
 
-    def _on_grad(self, index: int, grad: Tensor) -> None:
-        if self._closed or grad is None:
-            return
+    def _on_grad(self, cell: Tensor, grad: Tensor) -> None:
+        """Write the sum of squares of an output's gradient into the cell its forward kept."""
         g = stats.flat_float(grad)
-        buffer, offset, cell = self._arena.take(1, g)
         stats.sum_of_squares(g, self._scratch_for(g), out=cell[0])
-        self._current.grads.append((index, g.numel(), buffer, offset))
 
     # step boundary ---------------------------------------------------------------------
     def step(self, loss: Tensor | float | None = None) -> int:
@@ -355,6 +381,7 @@ class Tracer:
             raise RuntimeError("Tracer.step() called outside the Tracer's `with` block")
         index = self._step
         rec = self._current
+        self._hand_off(rec)
         if self.recording:
             with torch.no_grad():
                 self._record_params(rec)
@@ -362,13 +389,29 @@ class Tracer:
         self._record_scalars(rec, loss)
         self._pending.append(rec)
         self._step += 1
-        self._stop_probing()
+        self._recording = self.recording
+        if self._compiled and self._called is not None:  # keep probing: removing hooks would change
+            self._called.clear()  # the compiled graph's guards
+        else:
+            self._stop_probing()
         self._current = self._new_record()
         if self.recording:
             self._snapshot()
         if self._recorded >= self.flush_every:
             self._flush(now=False)
         return index
+
+    def _hand_off(self, rec: StepRecord) -> None:
+        """Move the step's records from the staging into the arena (a copy per buffer), and
+        place layers first recorded in it (a compiled forward does not place them)."""
+        rec.places = self._staging.move(self._arena)
+        rec.grad_places = self._grad_staging.move(self._arena)
+        if not rec.detail:
+            rec.units.clear()
+        for index, *_ in rec.calls:
+            layer = self._by_index[index]
+            if layer.position is None:
+                layer.position = next(self._order)
 
     def _new_record(self) -> StepRecord:
         return StepRecord(self._step, detail=self._step % self.detail_every == 0)
@@ -474,8 +517,7 @@ class Tracer:
         calls: Calls | None = gather(records, self._arena)
         if self._ranks is not None:
             calls = self._global(calls, records)
-        if not self._current.calls and not self._current.grads:
-            self._arena.reset()  # nothing of the step in progress is in it
+        self._arena.reset()  # the step in progress is in the staging
         if calls is None or self._saver is None:  # another rank's flush, or a failed one
             if self._ranks is not None and self._ranks.failed:
                 self._detach()
