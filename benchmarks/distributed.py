@@ -75,7 +75,8 @@ def worker(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as folder:
         path = Path(args.out or folder) / "distributed.covshift"
         opts = {name: torch.optim.SGD(m.parameters(), lr=0.01) for name, m in (("plain", plain), ("traced", traced))}
-        with covshift.Tracer(traced, path, optimizer=opts["traced"], overwrite=True) as tracer:
+        with covshift.Tracer(traced, path, optimizer=opts["traced"], overwrite=True,
+                             flush_every=args.flush_every) as tracer:
             for _ in range(args.rounds):
                 for name, model in (("plain", plain), ("traced", traced)):
                     torch.distributed.barrier()
@@ -91,14 +92,14 @@ def worker(args: argparse.Namespace) -> None:
     ratio = statistics.median(t / p for t, p in zip(blocks["traced"], blocks["plain"]))
     plain_ms, traced_ms = (1e3 * statistics.median(blocks[k]) for k in ("plain", "traced"))
     steps = args.rounds * args.block
-    flushes = len(TIMES["gather"])
-    collective = sum(TIMES["gather"]) + sum(TIMES["part"]) + sum(TIMES["merge"])
+    median = {name: 1e3 * statistics.median(TIMES[name]) for name in ("part", "gather", "merge") if TIMES[name]}
+    per_flush = sum(median.values())  # the first gather also opens the group's connections: left out
     line = (f"rank {rank}: {args.model}, {steps} traced steps: plain {plain_ms:.2f} ms/step, traced {traced_ms:.2f} "
-            f"({ratio:.2f}x); {flushes} flushes: part {1e3 * statistics.median(TIMES['part']):.1f} ms, gather "
-            f"{1e3 * statistics.median(TIMES['gather']):.1f} ms, sent {statistics.median(TIMES['bytes']) / 1e6:.2f} MB")
-    if TIMES["merge"]:
-        line += f", merge {1e3 * statistics.median(TIMES['merge']):.1f} ms"
-    line += f"; all distributed work {1e3 * collective / steps:.3f} ms/step = {100 * collective / (traced_ms * steps / 1e3):.1f}% of traced time"
+            f"({ratio:.2f}x); {len(TIMES['gather'])} flushes, medians: "
+            + ", ".join(f"{name} {value:.1f} ms" for name, value in median.items())
+            + f", sent {statistics.median(TIMES['bytes']) / 1e6:.2f} MB; first gather {1e3 * TIMES['gather'][0]:.0f} ms; "
+            f"{per_flush / args.flush_every:.3f} ms/step at flush_every={args.flush_every} = "
+            f"{per_flush / args.flush_every / traced_ms:.1%} of the traced step")
     print(line, flush=True)
     torch.distributed.destroy_process_group()
 
@@ -108,6 +109,7 @@ def main() -> None:
     parser.add_argument("--model", choices=["mlp", "cnn", "deep"], default="deep")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--block", type=int, default=20)
+    parser.add_argument("--flush-every", type=int, default=100, help="the Tracer's flush_every")
     parser.add_argument("--out", help="folder for the trace (default: a temporary one)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -115,7 +117,8 @@ def main() -> None:
         worker(args)
         return
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-               "--worker", "--model", args.model, "--rounds", str(args.rounds), "--block", str(args.block)]
+               "--worker", "--model", args.model, "--rounds", str(args.rounds), "--block", str(args.block),
+               "--flush-every", str(args.flush_every)]
     if args.out:
         command += ["--out", args.out]
     sys.exit(subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode)
