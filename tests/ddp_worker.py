@@ -4,13 +4,16 @@
 
 MODE ``ddp``: DistributedDataParallel, each rank on its shard of the global batch;
 ``fsdp``: the same with FSDP2's ``fully_shard``; ``fail``: DDP where rank 1 raises at
-step 3; ``rank0``: DDP traced on rank 0 alone (``distributed=False``); ``reference`` (one process, no torchrun): the model on the whole global batch.
+step 3; ``compiled``: DDP under ``torch.compile``
+(inductor); ``rank0``: DDP traced on rank 0 alone (``distributed=False``); ``reference`` (one process, no torchrun): the model on the whole global batch.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -60,19 +63,20 @@ def main(path: str, mode: str, sample_size: int) -> None:
         else:
             net = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    forward = torch.compile(net) if mode == "compiled" else net
     shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     if mode == "rank0" and rank != 0:  # a Tracer on rank 0 alone, recording its shard
-        train(net, opt, shard, None)
+        train(forward, opt, shard, None)
     else:
         with covshift.Tracer(net, path, run="run", optimizer=opt, flush_every=4, detail_every=2,
                              sample_size=sample_size, write_every=0, dist_timeout=TIMEOUT,
                              distributed=False if mode == "rank0" else None) as tracer:
-            train(net, opt, shard, tracer, fail=mode == "fail" and rank == 1)
+            train(forward, opt, shard, tracer, fail=mode == "fail" and rank == 1)
     if distributed:
         torch.distributed.destroy_process_group()
 
 
-def train(net: nn.Module, opt: torch.optim.Optimizer, shard: slice, tracer: covshift.Tracer | None,
+def train(net: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, shard: slice, tracer: covshift.Tracer | None,
           fail: bool = False) -> None:
     xs, ys = data()
     for step in range(STEPS):

@@ -81,6 +81,12 @@ def test_ddp_statistics_are_those_of_one_process_on_the_global_batch(tmp_path: P
     assert len(hists) and (hists.count_x == hists.count_y).all()
 
 
+def test_compiled_ddp_statistics_are_those_of_the_global_batch(tmp_path: Path, reference: covshift.Trace) -> None:
+    done, path = run(tmp_path, "compiled")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_exact(joined(covshift.load(path), reference), EXACT)
+
+
 def test_fsdp2_parameter_metrics_are_global(tmp_path: Path, reference: covshift.Trace) -> None:
     done, path = run(tmp_path, "fsdp")
     assert done.returncode == 0, done.stderr[-3000:]
