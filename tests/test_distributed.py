@@ -114,6 +114,15 @@ def test_a_rank_that_raises_ends_the_job_at_once_with_its_own_error(tmp_path: Pa
     assert trace.config("run")["tracer"]["world_size"] == 2
 
 
+def test_when_rank_0_cannot_open_the_trace_every_rank_stops_at_start(tmp_path: Path) -> None:
+    done, path = run(tmp_path, "ddp")
+    assert done.returncode == 0, done.stderr[-3000:]
+    again = torchrun(WORKER, path, "ddp", cwd=tmp_path)  # the run exists, and no overwrite
+    assert again.returncode != 0
+    assert "already exists" in again.stderr and "rank 0 could not open the trace" in again.stderr
+    assert covshift.load(path).runs == ["run"]
+
+
 def test_a_tracer_on_rank_0_alone_records_its_shard(tmp_path: Path, reference: covshift.Trace) -> None:
     done, path = run(tmp_path, "rank0")
     assert done.returncode == 0, done.stderr[-3000:]
