@@ -15,6 +15,7 @@ from covshift.cli import app
 from covshift.store import TraceError, TraceWriter
 from covshift.store.merge import RunClash, copy_runs, merge
 
+from helpers import fit
 from trace_compare import assert_same_data
 
 runner = CliRunner()
@@ -27,16 +28,8 @@ def record(path, runs: list[str], logged: str) -> None:
     for k, run in enumerate(runs):
         torch.manual_seed(k)
         model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2))
-        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        with covshift.Tracer(model, path, run=run, optimizer=optimizer, detail_every=2,
-                             config={"k": k}) as tracer:
-            tracer.log(step=0, **{logged: 1.0 + k})
-            for _ in range(5):
-                optimizer.zero_grad()
-                loss = model(torch.randn(8, 3)).pow(2).mean()
-                loss.backward()
-                optimizer.step()
-                tracer.step(loss=loss)
+        fit(model, path, torch.randn(8, 3), torch.randint(0, 2, (8,)), 5, run=run, detail_every=2, config={"k": k},
+            after_step=lambda tracer, step: tracer.log(**{logged: 1.0 + step}))
 
 
 @pytest.fixture
