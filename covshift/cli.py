@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 #: The errors a command turns into one line and exit status 2, as (module, class).
 _KNOWN_ERRORS = (("covshift.modelfile", "ModelFileError"), ("covshift.variants", "VariantError"),
-                 ("covshift.store", "TraceError"))
+                 ("covshift.store", "TraceError"), ("covshift.sweep_ray", "RayError"))
+#: The sweep's backends: a pool of local worker processes, or Ray tasks (covshift.sweep_ray).
+BACKENDS = ("process", "ray")
 
 app = typer.Typer(
     help="Show why a neural network trains well or badly. covshift trace trains your model with and "
@@ -365,7 +367,12 @@ def sweep(
     optimizer: Optional[str] = typer.Option(None, help="sgd or adam."),
     momentum: Optional[float] = typer.Option(None, help="SGD momentum."),
     weight_decay: Optional[float] = typer.Option(None, help="Weight decay."),
-    jobs_: int = typer.Option(default_workers(), "--jobs", help="Worker processes (default: the number of cores)."),
+    jobs_: int = typer.Option(default_workers(), "--jobs", help="Worker processes, or the CPUs of a local Ray "
+                              "(default: the number of cores)."),
+    backend: str = typer.Option("process", help="process: local worker processes; ray: Ray tasks, on the cluster "
+                                "at --address or RAY_ADDRESS, else on a local Ray (pip install covshift[ray])."),
+    address: Optional[str] = typer.Option(None, help="With --backend ray: the Ray cluster's address (host:port, "
+                                          "ray://host:port or auto; default: RAY_ADDRESS)."),
     device: str = typer.Option("cpu", help="cpu, cuda, ..."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: reports/<model file stem>-sweep/)."),
     every: int = typer.Option(1, help="Record layer statistics every N steps."),
@@ -388,6 +395,10 @@ def sweep(
                  "momentum": momentum, "weight_decay": weight_decay, "device": device, "every": every,
                  "detail_every": detail_every, "ics_every": ics_every}
     _check_settings({**overrides, "jobs": jobs_})
+    if backend not in BACKENDS:
+        raise _fail(f"--backend takes {' or '.join(BACKENDS)}, not {backend!r}")
+    if address is not None and backend != "ray":
+        raise _fail("--address is the Ray cluster's: give it with --backend ray")
     problem = _device_problem(device)
     if problem:
         raise _fail(problem)
@@ -400,6 +411,12 @@ def sweep(
     path: Path | None = None
     try:
         with _user_errors(debug):
+            connected: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+            if backend == "ray":
+                from .sweep_ray import import_ray, run_sweep_ray, session
+
+                import_ray()  # its error before anything else
+                connected = session(address, jobs_)  # connects when entered, after the checks
             lrs, scales = parse_list(lr, float, "--lr"), parse_list(init_scale, float, "--init-scale")
             seed_list = parse_list(seeds, int, "--seeds") if seeds else None
             mf = load_model_file(model_file)
@@ -409,9 +426,9 @@ def sweep(
             _check_output(folder, path)
             # check the file once here, so that its errors surface before any worker starts
             prepare(mf, {**overrides, "lr": lrs[0], "init_scale": scales[0], "seed": seed_list[0]})
-            todo = jobs(model_file, lrs, scales, seed_list, overrides, path, 1 if jobs_ > 1 else 0)
-            with Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
-                          TimeElapsedColumn(), console=console) as progress:
+            todo = jobs(model_file, lrs, scales, seed_list, overrides, path, 1 if jobs_ > 1 or backend == "ray" else 0)
+            with connected, Progress(TextColumn("sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"),
+                                     TimeElapsedColumn(), console=console) as progress:
                 task = progress.add_task("sweep", total=len(todo))
 
                 def on_done(job: Job, outcome: Outcome) -> None:
@@ -422,7 +439,10 @@ def sweep(
                     progress.console.print(f"{job.run}: {outcome.steps} steps, {ending}, {outcome.wall_time:.1f} s")
                     progress.advance(task)
 
-                run_sweep(todo, jobs_, on_done)
+                if backend == "ray":
+                    run_sweep_ray(todo, jobs_, address, on_done)
+                else:
+                    run_sweep(todo, jobs_, on_done)
     except (KeyboardInterrupt, Interrupted, Terminated) as e:
         stopped = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
         Console().print(_grid(done, f"{stopped}: finished settings so far"))
@@ -432,6 +452,33 @@ def sweep(
                                 f"set), mean over seeds: {path}"))
     typer.echo(f"trace: {path}")
     _write_report(path, folder, ("md", "html"), _command(ctx), debug)
+
+
+@app.command()
+def merge(
+    traces: list[Path] = typer.Argument(..., metavar="TRACE...", help="Trace files to merge, in order."),
+    output: Path = typer.Option(..., "-o", "--output", help="The merged trace file (not one of the inputs)."),
+    on_clash: str = typer.Option("error", help="A run whose name an earlier input already gave: error; rename "
+                                 "(copied as 'name (2)', the first free number); replace (the later run wins)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output file."),
+    debug: bool = typer.Option(False, help="Show full tracebacks."),
+) -> None:
+    """Merge trace files into one: every run of each input, with all its data (per-step
+    values, layers, per-unit statistics, histograms, config).
+
+    Example: covshift merge a/trace.covshift b/trace.covshift -o all.covshift --on-clash rename
+    """
+    from .store.merge import CLASHES, RunClash
+    from .store.merge import merge as merge_traces
+
+    if on_clash not in CLASHES:
+        raise _fail(f"--on-clash takes {', '.join(CLASHES)}, not {on_clash!r}")
+    with _user_errors(debug):
+        try:
+            names = merge_traces(traces, output, on_clash, overwrite)  # type: ignore[arg-type]
+        except RunClash as e:
+            raise _fail(f"{e}: give --on-clash rename or --on-clash replace") from None
+    typer.echo(f"merged {len(names)} runs from {len(traces)} traces into {output}")
 
 
 @app.command()

@@ -78,8 +78,9 @@ def jobs(spec: str, lrs: list[float], scales: list[float], seeds: list[int], ove
             for lr, scale, seed, variant in itertools.product(lrs, scales, seeds, VARIANTS)]
 
 
-def run_job(job: Job) -> tuple[Job, Outcome]:
-    """Train one job (in a worker process, or inline)."""
+def run_job(job: Job, model_file: str | None = None) -> tuple[Job, Outcome]:
+    """Train one job (in a worker process, or inline). ``model_file``: the path to record
+    in the run's config when ``job.spec`` names a copy of the model file."""
     import torch  # here, not at the top: `covshift --help` does not import torch
 
     from .modelfile import load as load_model_file
@@ -89,8 +90,9 @@ def run_job(job: Job) -> tuple[Job, Outcome]:
         torch.set_num_threads(job.threads)
     mf = load_model_file(job.spec)
     s, train, val, variants = prepare(mf, job.settings())
-    outcome = train_run(mf, variants[job.variant], job.run, train, val, s, Path(job.path),
-                        variant=job.variant, extra={"sweep": True})
+    extra = {"sweep": True, **({"model_file": model_file} if model_file else {})}
+    outcome = train_run(mf, variants[job.variant], job.run, train, val, s, Path(job.path), variant=job.variant,
+                        extra=extra)
     return job, outcome
 
 
@@ -104,7 +106,7 @@ def run_sweep(todo: list[Job], workers: int, on_done: Callable[[Job, Outcome], N
     TraceWriter(todo[0].path).close()
     outcomes = []
     # closing: an exception in on_done stops the workers before it leaves this function
-    with _sigterm_raises(), contextlib.closing(_results(todo, workers)) as results:
+    with sigterm_raises(), contextlib.closing(_results(todo, workers)) as results:
         for job, outcome in results:
             outcomes.append(outcome)
             if on_done is not None:
@@ -113,15 +115,19 @@ def run_sweep(todo: list[Job], workers: int, on_done: Callable[[Job, Outcome], N
 
 
 @contextlib.contextmanager
-def _sigterm_raises() -> Iterator[None]:
+def sigterm_raises(noted: threading.Event | None = None) -> Iterator[None]:
     """Within the block, SIGTERM raises :class:`Terminated` in the main thread (elsewhere
-    Python cannot handle signals, and SIGTERM keeps its effect)."""
+    Python cannot handle signals, and SIGTERM keeps its effect). Given ``noted``, it sets
+    that event instead, for a caller that waits in C code where a handler's exception is
+    lost (Ray's), and raises :class:`Terminated` itself when it sees the event."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminated(signum: int, frame: object) -> None:
-        raise Terminated()
+        if noted is None:
+            raise Terminated()
+        noted.set()
 
     previous = signal.signal(signal.SIGTERM, terminated)
     try:

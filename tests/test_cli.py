@@ -60,15 +60,15 @@ def test_console_script_subprocess(tmp_path):
 
 
 def test_version_and_help_start_without_the_heavy_libraries():
-    """`covshift --version` and `--help` import neither torch, pandas nor matplotlib (that is what
-    made them take seconds); `import covshift` neither, until a public name is used."""
+    """`covshift --version` and `--help` import neither torch, pandas, matplotlib nor ray (that
+    is what made them take seconds); `import covshift` neither, until a public name is used."""
     import subprocess
     import sys
     code = ("import sys; from typer.testing import CliRunner; from covshift.cli import app; "
             "r1 = CliRunner().invoke(app, ['--version']); r2 = CliRunner().invoke(app, ['--help']); "
             "assert r1.exit_code == 0 and r2.exit_code == 0, (r1.output, r2.output); "
             "import covshift; "
-            "print(sorted(m for m in ('torch', 'pandas', 'matplotlib', 'scipy') if m in sys.modules)); "
+            "print(sorted(m for m in ('torch', 'pandas', 'matplotlib', 'scipy', 'ray') if m in sys.modules)); "
             "covshift.load; print('pandas' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]", out

@@ -28,11 +28,12 @@ def load(path: str | os.PathLike[str]) -> Trace:
     return Trace(path)
 
 
-def _connect(path: str) -> sqlite3.Connection:
-    """A connection that cannot change the trace (``query_only``). It is opened read-write
-    where the file allows it, so that the last connection to close checkpoints the WAL and
-    removes its side files; else read-only; else ``immutable`` (a folder where the -shm file
-    a WAL reader needs cannot be made, and no -wal file)."""
+def connect(path: str) -> sqlite3.Connection:
+    """A raw SQLite connection to the trace ``path`` that cannot change it (``query_only``);
+    :class:`Trace` checks the file. It is opened read-write where the file allows it, so
+    that the last connection to close checkpoints the WAL and removes its side files; else
+    read-only; else ``immutable`` (a folder where the -shm file a WAL reader needs cannot be
+    made, and no -wal file)."""
     first: sqlite3.Error | None = None
     for mode in ("rw", "ro", "immutable"):
         if mode == "immutable" and os.path.exists(path + "-wal"):
@@ -88,7 +89,7 @@ class Trace:
         if not os.path.isfile(self.path):
             raise TraceError(f"no trace file at {self.path}")
         check_size(self.path)
-        self._conn = _connect(self.path)
+        self._conn = connect(self.path)
         try:
             check_identity(self._conn, self.path)
             check_size(self.path, self._conn)

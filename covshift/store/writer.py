@@ -71,7 +71,9 @@ class TraceWriter:
         check_size(self.path, self.conn)  # an existing trace is not truncated
         return dict((name, i) for i, name in self.conn.execute("SELECT id, name FROM metrics"))
 
-    def _transaction(self) -> _Transaction:
+    def transaction(self) -> _Transaction:
+        """``with writer.transaction():`` the statements of the block on :attr:`conn`,
+        committed together, or rolled back on any exception."""
         return _Transaction(self)
 
     def add_run(self, name: str, config: dict[str, Any], overwrite: bool = False) -> int:
@@ -79,7 +81,7 @@ class TraceWriter:
         replaced in the same transaction when ``overwrite``."""
         if not isinstance(name, str) or not name:
             raise ValueError("a run needs a non-empty name")
-        with self._transaction():
+        with self.transaction():
             if not overwrite and self.conn.execute("SELECT 1 FROM runs WHERE name = ?", (name,)).fetchone():
                 raise ValueError(
                     f"run {name!r} already exists in {self.path}: choose another run name, "
@@ -95,7 +97,7 @@ class TraceWriter:
     def remove_runs(self, names: Iterable[str]) -> list[str]:
         """Delete the named runs with all their data, in one transaction (all or none);
         returns the names that were in the file. The space is reclaimed."""
-        with self._transaction():
+        with self.transaction():
             removed = [name for name in names if self._delete_run(name)]
         if removed:
             self._reclaim()
@@ -123,7 +125,7 @@ class TraceWriter:
 
     def update_config(self, run_id: int, **values: Any) -> None:
         """Merge ``values`` into a run's config."""
-        with self._transaction():
+        with self.transaction():
             self._set_config(run_id, {**self._config(run_id), **values})
 
     def _set_config(self, run_id: int, config: dict[str, Any]) -> None:
@@ -132,7 +134,7 @@ class TraceWriter:
     def add_layer(self, run_id: int, name: str, type_name: str, nonlinearity: str | None,
                   position: int, edges: Sequence[float] | None) -> None:
         """Register a layer once; later calls only fill in its histogram edges."""
-        with self._transaction():
+        with self.transaction():
             self._config(run_id)
             self._register(run_id, name, type_name, nonlinearity, position, edges)
 
@@ -186,7 +188,7 @@ class TraceWriter:
         for step, name, unit, mean, var in units:
             per_unit[(name, step)].append((unit, mean, var))
         unit_rows = [(step, name, *_unit_arrays(values)) for (name, step), values in per_unit.items()]
-        with self._transaction():
+        with self.transaction():
             config = self._config(run_id)
             for args in layers:
                 self._register(run_id, *args)
