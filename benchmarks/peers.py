@@ -62,7 +62,7 @@ import torch
 from torch import nn
 
 import covshift
-from overhead import cnn, cnn8, deep, mlp, parse_steps, step_parser, sync, time_block
+from overhead import Recorder, cnn, cnn8, deep, mlp, parse_steps, step_parser, sync, time_block
 
 MODELS = {"mlp": mlp, "cnn": cnn, "cnn8": cnn8, "deep": deep}
 #: A block runner: the seconds of one block of training steps.
@@ -86,12 +86,13 @@ class Workload:
         model = copy.deepcopy(self.base).to(self.device)
         return model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
-    def timed(self, model: nn.Module, opt: torch.optim.Optimizer, recorder) -> Run:
+    def timed(self, model: nn.Module, opt: torch.optim.Optimizer, recorder: Recorder | None) -> Run:
         """Blocks of the plain training step, each step ended by ``recorder.step(loss=...)``."""
         return partial(time_block, model, opt, recorder, self.x, self.y, self.block, self.device)
 
 
 def leaf_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every module without children: covshift's default selection."""
     return [(name, module) for name, module in model.named_modules() if next(module.children(), None) is None]
 
 
