@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -79,8 +80,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+class Recorder(Protocol):
+    """What ends each timed step: a covshift Tracer, or a peer tool's adapter (benchmarks/peers.py)."""
+
+    def step(self, loss: torch.Tensor) -> object: ...
+
+
 def time_block(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
-               tracer: covshift.Tracer | None, x: torch.Tensor, y: torch.Tensor, block: int,
+               tracer: Recorder | None, x: torch.Tensor, y: torch.Tensor, block: int,
                device: torch.device) -> float:
     """Seconds for ``block`` training steps on the batch ``(x, y)``, each ended by ``tracer``."""
     sync(device)
