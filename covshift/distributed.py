@@ -36,7 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stats
-from .records import Calls
+from .records import Calls, StepRecord
 
 #: Seconds a rank waits at a flush for the others before it gives distributed recording up.
 DEFAULT_TIMEOUT = 300.0
@@ -185,10 +185,7 @@ class Ranks:
             done += len(rows) * length
         moments = calls.moments.copy()
         moments[:, 0] *= keep / calls.length  # the sample's sum over its length is the shift: kept
-        return Calls(step=calls.step, layer=calls.layer, size=calls.size, moments=moments,
-                     samples=samples, start=start, length=keep, inputs=inputs,
-                     maxima=calls.maxima, units=calls.units, grad_step=calls.grad_step, grad_layer=calls.grad_layer,
-                     grad_size=calls.grad_size, grad_sumsq=calls.grad_sumsq, ranks=calls.ranks)
+        return replace(calls, moments=moments, samples=samples, start=start, length=keep, inputs=inputs)
 
 
 def merge(shares: list[Share], names: list[str]) -> Calls:
@@ -225,8 +222,7 @@ def _renamed(calls: Calls, own: list[str], names: list[str]) -> Calls:
     if missing:
         raise ValueError(f"ranks hook different layers: {missing[:3]} are not hooked on rank 0")
     index = np.array([where[name] for name in own], dtype=np.int64)
-    calls.layer, calls.grad_layer = index[calls.layer], index[calls.grad_layer]
-    return calls
+    return replace(calls, layer=index[calls.layer], grad_layer=index[calls.grad_layer])
 
 
 def combine_norms(parts: list[np.ndarray], copies: np.ndarray) -> np.ndarray:
@@ -236,3 +232,32 @@ def combine_norms(parts: list[np.ndarray], copies: np.ndarray) -> np.ndarray:
     the ranks count it that many times."""
     squares = np.sum(np.square(np.stack(parts)), axis=0)
     return np.where(copies > 0, np.sqrt(squares / np.maximum(copies, 1)), parts[0])
+
+
+def _norm_slots(rec: StepRecord) -> dict[str, tuple[int | None, list[int]]]:
+    """A record's parameter norms by kind: ``(slot, indices of their parameters)``."""
+    tracked = [i for _, _, i in rec.tracked]
+    return {"grad": (rec.grad_norms, rec.grad_params), "weight": (rec.weight_norms, tracked),
+            "update": (rec.update_norms, tracked), "prev": (rec.prev_norms, tracked)}
+
+
+def share(calls: Calls, names: list[str], records: list[StepRecord], sharded: bool) -> Share:
+    """This rank's share of a flush: ``calls`` (cut by :meth:`Ranks.part`), the losses of
+    ``records`` and, when some parameters are ``sharded``, their local norms (on the host)."""
+    losses = {r.step: float(r.slots.get(r.loss)[0]) for r in records if r.loss is not None}
+    norms = {r.step: {key: r.slots.get(h) for key, (h, _) in _norm_slots(r).items() if h is not None}
+             for r in records} if sharded else {}
+    return Share(calls, names, losses, norms)
+
+
+def make_global(records: list[StepRecord], shares: list[Share], copies: np.ndarray) -> None:
+    """Put the global loss (the ranks' mean) and, for sharded parameters, the global norms
+    (:func:`combine_norms`, ``copies`` by parameter) into the host slots of rank 0's ``records``."""
+    for rec in records:
+        if rec.loss is not None:
+            rec.slots.host[rec.loss] = np.array([np.mean([s.losses[rec.step] for s in shares if rec.step in s.losses])])
+        if not shares[0].norms:
+            continue
+        for key, (handle, index) in _norm_slots(rec).items():
+            if handle is not None:
+                rec.slots.host[handle] = combine_norms([s.norms[rec.step][key] for s in shares], copies[index])

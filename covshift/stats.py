@@ -273,16 +273,20 @@ def sample_indices(numel: int, k: int, device: torch.device, seed: int = 0) -> T
     return torch.randint(numel, (k,), generator=gen).to(device)
 
 
-_DRAWN: dict[tuple[int, int, str], Tensor] = {}
+_DRAWN: dict[tuple[int, int, torch.device], Tensor] = {}
+
+
+def drawn_sample_indices(numel: int, k: int, device: torch.device) -> Tensor:
+    """:func:`sample_indices` (seed 0), drawn once per ``(numel, k, device)`` and kept: every
+    call returns the same tensor, to read only (every layer of one output size shares it)."""
+    key = (numel, k, device)
+    if key not in _DRAWN:
+        _DRAWN[key] = sample_indices(numel, k, device)
+    return _DRAWN[key]
 
 
 def _fixed_sample_indices(numel: int, k: int, device: torch.device) -> Tensor:
-    """:func:`sample_indices` (seed 0) drawn once per ``(numel, k, device)`` and then copied
-    from a cache."""
-    key = (numel, k, str(device))
-    if key not in _DRAWN:
-        _DRAWN[key] = sample_indices(numel, k, device)
-    return _DRAWN[key].clone()
+    return drawn_sample_indices(numel, k, device).clone()  # an operator's output is its own tensor
 
 
 if hasattr(torch.library, "custom_op"):  # torch >= 2.4

@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from collections.abc import Iterator
 from typing import Any
@@ -32,7 +32,6 @@ class _Layer:
     kind: stats.Nonlinearity | None
     position: int | None = None
     edges: np.ndarray | None = None  # histogram edges, fixed at the layer's first flush
-    indices: dict[int, Tensor] = field(default_factory=dict)  # sample positions by output size
     input_sample: tuple[int, int, int] | None = None  # of_input kinds: (buffer, offset, length) from the pre-hook
 
 
@@ -293,15 +292,12 @@ class Tracer:
         return (self._closed or self._paused or not self._recording or not torch.is_grad_enabled()
                 or not (self.model.training or self.include_eval))
 
-    def _sample(self, layer: _Layer, flat: Tensor) -> tuple[int, int, Tensor]:
-        """Write the layer's sample of ``flat`` into the staging: ``(buffer, offset, view)``."""
+    def _sample(self, flat: Tensor) -> tuple[int, int, Tensor]:
+        """Write the sample of ``flat`` into the staging: ``(buffer, offset, view)``."""
         n = flat.numel()
-        if torch.compiler.is_compiling():  # drawn outside the graph, which holds no Generator
-            idx = stats.fixed_sample_indices(n, self.sample_size, flat.device)
-        else:
-            if n not in layer.indices:
-                layer.indices[n] = stats.sample_indices(n, self.sample_size, flat.device)
-            idx = layer.indices[n]
+        # compiled: drawn outside the graph, which holds no Generator
+        draw = stats.fixed_sample_indices if torch.compiler.is_compiling() else stats.drawn_sample_indices
+        idx = draw(n, self.sample_size, flat.device)
         buffer, offset, view = self._staging.take(idx.numel(), flat)
         stats.take_sample(flat, idx, out=view)
         return buffer, offset, view
@@ -310,7 +306,7 @@ class Tracer:
         x = first_tensor(args)
         layer.input_sample = None
         if not self._skips() and x is not None and x.numel():
-            buffer, offset, view = self._sample(layer, stats.flat_float(x))
+            buffer, offset, view = self._sample(stats.flat_float(x))
             layer.input_sample = (buffer, offset, view.numel())
 
     def _on_container(self, name: str, children: list[nn.Module], module: nn.Module, args: Any, output: Any) -> None:
@@ -339,7 +335,7 @@ class Tracer:
         rec = self._current
         call = len(rec.calls)
         flat = stats.flat_float(y)
-        buffer, offset, sample = self._sample(layer, flat)
+        buffer, offset, sample = self._sample(flat)
         if x_sample is not None and x_sample[2] == sample.numel():
             rec.inputs[call] = x_sample[:2]
         at_buffer, at, row = self._staging.take(5, flat)
@@ -456,7 +452,7 @@ class Tracer:
         rec.lrs = [(i, rec.slots.put(_scalar(g["lr"]))) for i, g in enumerate(groups) if "lr" in g]
 
     def _tracked_locals(self) -> list[Tensor]:
-        """The tracked weights, local shards of sharded ones (:func:`covshift.dist.local`)."""
+        """The tracked weights, local shards of sharded ones (:func:`covshift.distributed.local`)."""
         return [dist.local(self._params[i]) for _, _, i in self._tracked]
 
     def _snapshot(self) -> None:
@@ -514,9 +510,10 @@ class Tracer:
         records, self._pending, self._recorded = self._pending, [], 0
         logged, rows, self._logged, self._log_rows = self._logged, self._log_rows, Slots(), []
         fetch([r.slots for r in records] + [logged])
+        detail = {r.step for r in records if r.detail}
         calls: Calls | None = gather(records, self._arena)
         if self._ranks is not None:
-            calls = self._global(calls, records)
+            calls = self._global(calls, records, detail)
         self._arena.reset()  # the step in progress is in the staging
         if calls is None or self._saver is None:  # another rank's flush, or a failed one
             if self._ranks is not None and self._ranks.failed:
@@ -527,7 +524,7 @@ class Tracer:
             return
         known = list(self._layers.values())
         layers = Layers([x.name for x in known], [x.kind for x in known], [x.edges for x in known], self.bins)
-        summary = summarize(calls, layers, {r.step for r in records if r.detail})
+        summary = summarize(calls, layers, detail)
         for layer, edges in zip(known, layers.edges):
             layer.edges = edges
         run_columns(summary, records)
@@ -538,17 +535,14 @@ class Tracer:
         batch.layers = self._layer_rows(({row[1] for row in batch.scalars} | {k[0] for k in batch.columns}) - {""})
         self._saver.save(batch, now=now)
 
-    def _global(self, calls: Calls, records: list[StepRecord]) -> Calls | None:
+    def _global(self, calls: Calls, records: list[StepRecord], detail: set[int]) -> Calls | None:
         """On rank 0, the calls of every rank merged, and the loss and the norms of sharded
         parameters of ``records`` made global; None on the other ranks and after a failure."""
         assert self._ranks is not None
         names = list(self._layers)
         whole = np.array([x.kind is not None and not x.kind.of_input for x in self._layers.values()], dtype=bool)
-        cut = self._ranks.part(calls, self.sample_size, whole, {r.step for r in records if r.detail})
-        share = dist.Share(cut, names,
-                                  {r.step: float(r.slots.get(r.loss)[0]) for r in records if r.loss is not None},
-                                  {r.step: self._local_norms(r) for r in records} if self._copies.any() else {})
-        shares = self._ranks.gather(share)
+        cut = self._ranks.part(calls, self.sample_size, whole, detail)
+        shares = self._ranks.gather(dist.share(cut, names, records, bool(self._copies.any())))
         if shares is None:
             return None
         try:
@@ -557,24 +551,8 @@ class Tracer:
             self._ranks.failed = str(error)
             warnings.warn(f"covshift: {error}; distributed recording stops here", RuntimeWarning, stacklevel=3)
             return None
-        for rec in records:
-            if rec.loss is not None:
-                rec.slots.host[rec.loss] = np.array([np.mean([s.losses[rec.step] for s in shares
-                                                               if rec.step in s.losses])])
-            for key, (handle, index) in self._norm_handles(rec).items():
-                if handle is not None and share.norms:
-                    copies = self._copies[index]
-                    rec.slots.host[handle] = dist.combine_norms([s.norms[rec.step][key] for s in shares], copies)
+        dist.make_global(records, shares, self._copies)
         return merged
-
-    def _norm_handles(self, rec: StepRecord) -> dict[str, tuple[int | None, list[int]]]:
-        """The record's parameter norms by kind: ``(slot, indices of their parameters)``."""
-        tracked = [i for _, _, i in rec.tracked]
-        return {"grad": (rec.grad_norms, rec.grad_params), "weight": (rec.weight_norms, tracked),
-                "update": (rec.update_norms, tracked), "prev": (rec.prev_norms, tracked)}
-
-    def _local_norms(self, rec: StepRecord) -> dict[str, np.ndarray]:
-        return {key: rec.slots.get(h) for key, (h, _) in self._norm_handles(rec).items() if h is not None}
 
     def _layer_rows(self, seen: set[str]) -> list[tuple[str, str, str | None, int, list[float] | None]]:
         """The writer's layer registrations for the layers in a batch, positions given in

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -31,14 +35,9 @@ def fit(model: nn.Module, path: Any, x: torch.Tensor, y: Any, steps: int, *, lr:
     return model
 
 
-def torchrun(script: Any, *args: Any, cwd: Any, timeout: float = 180) -> "subprocess.CompletedProcess[str]":
+def torchrun(script: Any, *args: Any, cwd: Any, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     """``torchrun --standalone --nproc_per_node 2 script args`` (CPU, one thread a process),
     importing this checkout's covshift."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(covshift.__file__).parents[1])}
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                            str(script), *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env,
