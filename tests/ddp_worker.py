@@ -21,7 +21,7 @@ from torch import nn
 import covshift
 
 GLOBAL_BATCH, STEPS, FAIL_AT = 32, 6, 3
-TIMEOUT = 20  # seconds a flush waits for the other ranks
+TIMEOUT = 60  # seconds a flush waits for the other ranks
 
 
 class Twice(nn.Module):
@@ -80,15 +80,15 @@ def main(path: str, mode: str, sample_size: int) -> None:
         torch.distributed.destroy_process_group()
 
 
-def train(net: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, shard: slice, tracer: covshift.Tracer | None,
-          fail: bool = False) -> None:
+def train(net: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer, shard: slice,
+          tracer: covshift.Tracer | None, fail: bool = False) -> None:
     xs, ys = data()
     for step in range(STEPS):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(net(xs[step, shard]), ys[step, shard])
-        loss.backward()
-        if fail and step == FAIL_AT:
+        if fail and step == FAIL_AT:  # the other rank waits in DDP's all-reduce of this backward
             raise RuntimeError("rank 1 failed on purpose")
+        loss.backward()
         opt.step()
         if tracer is not None:
             tracer.step(loss=loss)
