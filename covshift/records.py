@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import stats
+
 
 class Arena:
     """Preallocated 1-D buffers, one being filled per dtype and device, that hooks write
@@ -185,7 +187,8 @@ class StepRecord:
     """Everything one step recorded, until it is flushed. Per forward call ``(layer index,
     output size, sample buffer, sample offset, sample length, moments buffer, moments
     offset)`` into the :class:`Arena`, where the sample and ``[sample sum, S1, S2, min,
-    max]`` (:func:`covshift.stats.moments`, shifted by the sample's mean) were written;
+    max]`` (:func:`covshift.stats.moments`, shifted by the sample's mean) were written
+    (moments buffer -1: the sample is the whole output, and :func:`gather` computes them);
     per output that requires a gradient ``(layer index, size, buffer, offset)`` of its
     gradient's sum of squares, :data:`UNSET` while no gradient came. Buffers and offsets
     are the :class:`Staging`'s, ``places`` and ``grad_places`` say where they went."""
@@ -277,7 +280,10 @@ def gather(records: list[StepRecord], arena: Arena) -> Calls:
     owner = np.repeat(np.arange(len(records)), counts)
     at = _Origins(records, bases, "places")
     start = at(owner, calls[:, 2], calls[:, 3])
-    moments = values[at(owner, calls[:, 5], calls[:, 6])[:, None] + np.arange(5)].astype(np.float64)
+    kept = calls[:, 5] >= 0  # the others were sampled whole: their moments are computed here
+    moments = np.empty((len(calls), 5))
+    moments[kept] = values[at(owner[kept], calls[kept, 5], calls[kept, 6])[:, None] + np.arange(5)]
+    moments[~kept] = stats.whole_moments(values, start[~kept], calls[~kept, 4])
     sampled = np.array([(offset + call, i, b, off) for i, (rec, offset) in enumerate(zip(records, offsets))
                         for call, (b, off) in rec.inputs.items()], dtype=np.int64).reshape(-1, 4)
     inputs = {int(call): values[begin:begin + calls[call, 4]]

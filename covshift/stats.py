@@ -219,6 +219,32 @@ def moments(flat: Tensor, shift: Tensor | None, scratch: Tensor | None = None, o
     return out
 
 
+#: Values a block of :func:`whole_moments` handles at once (float64 temporaries stay in cache).
+MOMENT_BLOCK = 1 << 18
+
+
+def whole_moments(values: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """The rows ``[sum, S1, S2, min, max]`` of :func:`moments` for the segments
+    ``values[start[i]:start[i] + length[i]]`` of a 1-D host array, shifted by each segment's
+    mean, computed in float64 on the host: the tracer's moments of an output it keeps whole
+    (at most ``sample_size`` values), which then costs no kernel during training.
+
+    >>> whole_moments(np.array([1000.0, 1001.0, 1002.0], np.float32), np.array([0]), np.array([3])).tolist()
+    [[3003.0, 0.0, 2.0, 1000.0, 1002.0]]
+    """
+    out = np.empty((len(start), 5))
+    for n in np.unique(length).tolist():
+        windows = np.lib.stride_tricks.sliding_window_view(values, n)  # a view: indexing copies the rows
+        rows = np.flatnonzero(length == n)
+        for block in np.array_split(rows, max(1, len(rows) * n // MOMENT_BLOCK)):
+            x = windows[start[block]].astype(np.float64)
+            total = x.sum(axis=1)
+            d = x - (total / n)[:, None]
+            out[block, 0], out[block, 1], out[block, 2] = total, d.sum(axis=1), np.einsum("ij,ij->i", d, d)
+            out[block, 3], out[block, 4] = x.min(axis=1), x.max(axis=1)
+    return out
+
+
 def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """``sum(flat**2)`` of a 1-D tensor as a 0-dim tensor (written into ``out`` when given),
     summed pairwise: a relative error of ~1e-8 on 4M float32 values, where ``torch.dot``
@@ -228,15 +254,15 @@ def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | No
     return torch.sum(squares, 0, out=out) if out is not None else squares.sum()
 
 
-def norms(tensors: list[Tensor]) -> Tensor:
-    """The 2-norms of ``tensors`` as one tensor, accumulated and returned in float32, or
-    float64 when one of them is float64 (``torch._foreach_norm`` alone returns a bfloat16
-    tensor's norm in bfloat16, up to 0.4% off).
+def norms(tensors: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
+    """The 2-norms of ``tensors`` as one tensor, accumulated and returned in ``dtype``, by
+    default float32, or float64 when one of them is float64 (``torch._foreach_norm`` alone
+    returns a bfloat16 tensor's norm in bfloat16, up to 0.4% off).
 
     >>> norms([torch.ones(4, dtype=torch.bfloat16), torch.ones(9)])
     tensor([2., 3.])
     """
-    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    wide = dtype or (torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32)
     try:
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide))
     except TypeError:  # torch < 2.3 has no dtype argument

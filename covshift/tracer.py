@@ -123,6 +123,7 @@ class Tracer:
         self._last_norms: tuple[int, Tensor] | None = None  # (step, weight norms) of the last recorded step
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._copies = np.array([dist.replicas(p) for p in self._params], dtype=np.int64)
+        self._sharded = bool(self._copies.any())  # DTensor parameters, whose local shards are used
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._tracked: list[tuple[str, str, int]] = []  # (layer, attribute, index into _params)
         self._layers: dict[str, _Layer] = {}
@@ -147,6 +148,7 @@ class Tracer:
         self._current = self._new_record()
         self._closed = False
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._held: dict[int, list[tuple[int, Tensor]]] = {}  # gradient buffer -> (cell, gradient)
         self._arena = Arena()
         # the step in progress, moved into the arena by step(); room for one call per layer
         room = sum(sample_size * (1 + bool(x.kind and x.kind.of_input)) + 5 for x in self._layers.values())
@@ -253,6 +255,7 @@ class Tracer:
             self._closed = True
             self._detach()
             self._scratch.clear()
+            self._held.clear()
             self._arena = Arena()
             if self._saver is not None:
                 self._saver.close({**self.config, "steps": self._step})
@@ -338,9 +341,12 @@ class Tracer:
         buffer, offset, sample = self._sample(flat)
         if x_sample is not None and x_sample[2] == sample.numel():
             rec.inputs[call] = x_sample[:2]
-        at_buffer, at, row = self._staging.take(5, flat)
-        torch.sum(sample, 0, out=row[0])  # the shift is the sample's mean, this sum / its length
-        stats.moments(flat, None, self._scratch_for(flat), out=row, scale=1.0 / sample.numel())
+        if sample.numel() == flat.numel():  # kept whole: gather() computes the moments on the host
+            at_buffer, at = -1, 0
+        else:
+            at_buffer, at, row = self._staging.take(5, flat)
+            torch.sum(sample, 0, out=row[0])  # the shift is the sample's mean, this sum / its length
+            stats.moments(flat, None, self._scratch_for(flat), out=row, scale=1.0 / sample.numel())
         rec.calls.append((layer.index, flat.numel(), buffer, offset, sample.numel(), at_buffer, at))
         if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
             rec.maxima[call] = stats.unit_max(y)
@@ -350,7 +356,10 @@ class Tracer:
         if y.requires_grad:
             grad_buffer, grad_at, cell = self._grad_staging.take(1, flat)
             rec.grads.append((layer.index, flat.numel(), grad_buffer, grad_at))
-            y.register_hook(partial(self._on_grad, cell))
+            if at_buffer < 0 and not torch.compiler.is_compiling():  # small: the step's end sums it
+                y.register_hook(partial(self._hold_grad, grad_buffer, grad_at))
+            else:
+                y.register_hook(partial(self._on_grad, cell))
 
     def _scratch_for(self, flat: Tensor) -> Tensor | None:
         """A buffer for ``flat``'s shifted values: one per dtype and device, as large as the
@@ -368,6 +377,22 @@ class Tracer:
         """Write the sum of squares of an output's gradient into the cell its forward kept."""
         g = stats.flat_float(grad)
         stats.sum_of_squares(g, self._scratch_for(g), out=cell[0])
+
+    def _hold_grad(self, buffer: int, at: int, grad: Tensor) -> None:
+        """Keep the gradient of an output kept whole until the step's end (:meth:`_write_held`)."""
+        self._held.setdefault(buffer, []).append((at, grad))
+
+    def _write_held(self) -> None:
+        """Write the sums of squares of the gradients held since the last step into their
+        cells: a few kernels per step instead of two per gradient."""
+        held, self._held = self._held, {}
+        for index, pairs in held.items():
+            if index >= len(self._grad_staging.buffers):  # a backward after step() of a step whose buffers went
+                continue
+            cells = self._grad_staging.buffers[index]
+            at = torch.tensor([a for a, _ in pairs]).to(cells.device, non_blocking=True)
+            sums = stats.norms([g for _, g in pairs], torch.float64).square_()
+            cells.index_copy_(0, at, sums.to(cells.dtype))
 
     # step boundary ---------------------------------------------------------------------
     def step(self, loss: Tensor | float | None = None) -> int:
@@ -400,6 +425,7 @@ class Tracer:
     def _hand_off(self, rec: StepRecord) -> None:
         """Move the step's records from the staging into the arena (a copy per buffer), and
         place layers first recorded in it (a compiled forward does not place them)."""
+        self._write_held()
         rec.places = self._staging.move(self._arena)
         rec.grad_places = self._grad_staging.move(self._arena)
         if not rec.detail:
@@ -413,26 +439,36 @@ class Tracer:
         return StepRecord(self._step, detail=self._step % self.detail_every == 0)
 
     def _record_params(self, rec: StepRecord) -> None:
-        put = rec.slots.put
-        have = [i for i, p in enumerate(self._params) if p.grad is not None and not p.grad.is_sparse]
-        if have:
-            rec.grad_params = have
-            rec.grad_norms = put(stats.norms([dist.local(self._params[i].grad) for i in have]))
-        if not self._tracked:
+        """The norms of the step's parameter gradients, of the tracked weights and of their
+        updates, in one batch (the update is computed in place of the weights' snapshot,
+        which :meth:`_snapshot` renews before it is used again)."""
+        grads = [p.grad for p in self._params]
+        have = [i for i, g in enumerate(grads) if g is not None and not g.is_sparse]
+        batch = [self._local(grads[i]) for i in have]
+        rec.grad_params = have
+        params = self._tracked_locals() if self._tracked else []
+        prev = self._prev if params and self._prev is not None else None
+        last = self._last_norms
+        # the weights before this update were snapshotted when the previous step's norms
+        # were taken, so when that step was recorded its norms are theirs
+        if prev is not None and (last is None or last[0] != rec.step - 1 or len(last[1]) != len(params)):
+            last = (rec.step - 1, stats.norms(prev))
+        batch += params
+        if prev is not None:
+            torch._foreach_sub_(prev, params)  # minus the update: the same norm
+            batch += prev
+        if not batch:
             return
-        params = self._tracked_locals()
-        rec.tracked = self._tracked
-        norms = stats.norms(params)
-        rec.weight_norms = put(norms)
-        if self._prev is not None:
-            rec.update_norms = put(stats.norms(torch._foreach_sub(params, self._prev)))
-            last = self._last_norms
-            # the weights before this update were snapshotted when the previous step's norms
-            # were taken, so when that step was recorded its norms are theirs
-            if last is None or last[0] != rec.step - 1 or len(last[1]) != len(params):
-                last = (rec.step - 1, stats.norms(self._prev))
-            rec.prev_norms = put(last[1])
-        self._last_norms = (rec.step, norms)
+        norms = stats.norms(batch)
+        put, g, w = rec.slots.put, len(have), len(params)
+        if have:
+            rec.grad_norms = put(norms[:g])
+        if params:
+            rec.tracked = self._tracked
+            rec.weight_norms = put(norms[g:g + w])
+            self._last_norms = (rec.step, norms[g:g + w])
+        if prev is not None and last is not None:
+            rec.update_norms, rec.prev_norms = put(norms[g + w:]), put(last[1])
 
     def _record_scalars(self, rec: StepRecord, loss: Tensor | float | None) -> None:
         if isinstance(loss, Tensor) and loss.numel() != 1:
@@ -451,9 +487,12 @@ class Tracer:
         groups = getattr(self.optimizer, "param_groups", [])
         rec.lrs = [(i, rec.slots.put(_scalar(g["lr"]))) for i, g in enumerate(groups) if "lr" in g]
 
+    def _local(self, t: Tensor) -> Tensor:
+        return dist.local(t) if self._sharded else t
+
     def _tracked_locals(self) -> list[Tensor]:
         """The tracked weights, local shards of sharded ones (:func:`covshift.distributed.local`)."""
-        return [dist.local(self._params[i]) for _, _, i in self._tracked]
+        return [self._local(self._params[i]) for _, _, i in self._tracked]
 
     def _snapshot(self) -> None:
         """Keep the tracked weights as they are before the next optimizer step."""
