@@ -39,6 +39,12 @@ class Arena:
 
     def take(self, n: int, like: Tensor) -> tuple[int, int, Tensor]:
         """``(buffer, offset, view)``: ``n`` free elements of ``like``'s dtype and device."""
+        index, offset = self.claim(n, like)
+        return index, offset, self.buffers[index][offset:offset + n]
+
+    def claim(self, n: int, like: Tensor) -> tuple[int, int]:
+        """``(buffer, offset)`` of ``n`` free elements of ``like``'s dtype and device, for a
+        later write (:meth:`take` without the view)."""
         key = (like.dtype, like.device)
         index = self.current.get(key)
         if index is None or self.used[index] + n > self.buffers[index].numel():
@@ -47,7 +53,7 @@ class Arena:
             index = self.current[key]
         offset = self.used[index]
         self.used[index] = offset + n
-        return index, offset, self.buffers[index][offset:offset + n]
+        return index, offset
 
     def reserve(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
         """Start a buffer of ``n`` elements that the next takes of its kind fill."""

@@ -237,10 +237,11 @@ def whole_moments(values: np.ndarray, start: np.ndarray, length: np.ndarray) -> 
         windows = np.lib.stride_tricks.sliding_window_view(values, n)  # a view: indexing copies the rows
         rows = np.flatnonzero(length == n)
         for block in np.array_split(rows, max(1, len(rows) * n // MOMENT_BLOCK)):
-            x = windows[start[block]].astype(np.float64)
-            total = x.sum(axis=1)
-            d = x - (total / n)[:, None]
-            out[block, 0], out[block, 1], out[block, 2] = total, d.sum(axis=1), np.einsum("ij,ij->i", d, d)
+            x = windows[start[block]]
+            d = x.astype(np.float64)
+            total = d.sum(axis=1)
+            d -= (total / n)[:, None]  # S1 = sum(d) is 0 up to rounding
+            out[block, 0], out[block, 1], out[block, 2] = total, 0.0, np.einsum("ij,ij->i", d, d)
             out[block, 3], out[block, 4] = x.min(axis=1), x.max(axis=1)
     return out
 
@@ -252,6 +253,21 @@ def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | No
     receives the squares, sparing an allocation."""
     squares = torch.mul(flat, flat, out=scratch) if scratch is not None else flat.square()
     return torch.sum(squares, 0, out=out) if out is not None else squares.sum()
+
+
+def stacked_sums_of_squares(same: list[Tensor]) -> Tensor:
+    """``sum(t**2)`` of each of ``same`` (tensors of one shape, dtype and device) as one
+    tensor: one stack and one pairwise sum of the rows, in float32 (float64 for float64),
+    where ``torch._foreach_norm`` costs a kernel per tensor (five times as long for 49
+    gradients of 2048 values).
+
+    >>> stacked_sums_of_squares([torch.ones(2, 2), torch.full((2, 2), 2.0)])
+    tensor([ 4., 16.])
+    """
+    stacked = torch.stack(same).reshape(len(same), -1)
+    if stacked.dtype not in (torch.float32, torch.float64):
+        stacked = stacked.float()
+    return stacked.square_().sum(1)
 
 
 def norms(tensors: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:

@@ -148,7 +148,7 @@ class Tracer:
         self._current = self._new_record()
         self._closed = False
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._held: dict[int, list[tuple[int, Tensor]]] = {}  # gradient buffer -> (cell, gradient)
+        self._held: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # (buffer, shape, dtype) -> (cell, gradient)
         self._arena = Arena()
         # the step in progress, moved into the arena by step(); room for one call per layer
         room = sum(sample_size * (1 + bool(x.kind and x.kind.of_input)) + 5 for x in self._layers.values())
@@ -324,11 +324,12 @@ class Tracer:
     def _on_forward(self, layer: _Layer, module: nn.Module, args: Any, output: Any) -> None:
         # the first call, whatever its mode: forward order (compiled: step() places the
         # layers in the order of their first recorded call, so the graph does not read this)
-        if not torch.compiler.is_compiling() and layer.position is None:
+        compiling = torch.compiler.is_compiling()
+        if not compiling and layer.position is None:
             layer.position = next(self._order)
         if self._called is not None:
             self._called.add(id(module))
-            self._compiled = torch.compiler.is_compiling()
+            self._compiled = compiling
         x_sample, layer.input_sample = layer.input_sample, None
         if self._skips():
             return
@@ -351,15 +352,16 @@ class Tracer:
         if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
             rec.maxima[call] = stats.unit_max(y)
         # compiled: at every step, as the graph may not depend on the step (step() keeps them on detail steps)
-        if (torch.compiler.is_compiling() or rec.detail) and y.dim() >= 2:
+        if (compiling or rec.detail) and y.dim() >= 2:
             rec.units[call] = stats.unit_sums(y)
         if y.requires_grad:
-            grad_buffer, grad_at, cell = self._grad_staging.take(1, flat)
-            rec.grads.append((layer.index, flat.numel(), grad_buffer, grad_at))
-            if at_buffer < 0 and not torch.compiler.is_compiling():  # small: the step's end sums it
+            if at_buffer < 0 and not compiling:  # small: the step's end sums it
+                grad_buffer, grad_at = self._grad_staging.claim(1, flat)
                 y.register_hook(partial(self._hold_grad, grad_buffer, grad_at))
             else:
+                grad_buffer, grad_at, cell = self._grad_staging.take(1, flat)
                 y.register_hook(partial(self._on_grad, cell))
+            rec.grads.append((layer.index, flat.numel(), grad_buffer, grad_at))
 
     def _scratch_for(self, flat: Tensor) -> Tensor | None:
         """A buffer for ``flat``'s shifted values: one per dtype and device, as large as the
@@ -380,19 +382,18 @@ class Tracer:
 
     def _hold_grad(self, buffer: int, at: int, grad: Tensor) -> None:
         """Keep the gradient of an output kept whole until the step's end (:meth:`_write_held`)."""
-        self._held.setdefault(buffer, []).append((at, grad))
+        self._held.setdefault((buffer, grad.shape, grad.dtype), []).append((at, grad))
 
     def _write_held(self) -> None:
         """Write the sums of squares of the gradients held since the last step into their
-        cells: a few kernels per step instead of two per gradient."""
+        cells: a few kernels per gradient shape instead of two per gradient."""
         held, self._held = self._held, {}
-        for index, pairs in held.items():
+        for (index, _, _), pairs in held.items():
             if index >= len(self._grad_staging.buffers):  # a backward after step() of a step whose buffers went
                 continue
             cells = self._grad_staging.buffers[index]
             at = torch.tensor([a for a, _ in pairs]).to(cells.device, non_blocking=True)
-            sums = stats.norms([g for _, g in pairs], torch.float64).square_()
-            cells.index_copy_(0, at, sums.to(cells.dtype))
+            cells.index_copy_(0, at, stats.stacked_sums_of_squares([g for _, g in pairs]).to(cells.dtype))
 
     # step boundary ---------------------------------------------------------------------
     def step(self, loss: Tensor | float | None = None) -> int:
