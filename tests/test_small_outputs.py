@@ -1,0 +1,122 @@
+"""Outputs kept whole (at most ``sample_size`` values): their moments are computed at the
+flush in float64 (stats.whole_moments) and their gradients summed at the step's end
+(stats.stacked_sums_of_squares), with no per-layer moment or gradient kernel in the hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import covshift
+from covshift import stats
+
+
+def _segments(rng: np.random.Generator) -> list[np.ndarray]:
+    """Realistic outputs, 2.4M values in all: saturated sigmoids (0.999 +- 1e-4), ReLU
+    outputs, large-offset Gaussians, and bfloat16 values, as float32."""
+    sigmoid = (0.999 + 1e-4 * rng.standard_normal((200, 4096))).astype(np.float32)
+    relu = np.maximum(rng.standard_normal((200, 4096)), 0).astype(np.float32)
+    offset = (1000.0 + rng.standard_normal((150, 2048))).astype(np.float32)
+    bf16 = torch.randn(50, 4000, generator=torch.Generator().manual_seed(1)).bfloat16().float().numpy()
+    return [*sigmoid, *relu, *offset, *bf16]
+
+
+def test_whole_moments_match_float64_on_millions_of_values():
+    rng = np.random.default_rng(0)
+    parts = _segments(rng)
+    values = np.concatenate(parts)
+    assert values.size >= 2_000_000 and values.dtype == np.float32
+    length = np.array([len(p) for p in parts])
+    start = np.concatenate([[0], np.cumsum(length)[:-1]])
+    order = rng.permutation(len(parts))  # segments asked in any order
+    got = stats.whole_moments(values, start[order], length[order])
+    for row, i in zip(got, order):
+        x = parts[i].astype(np.float64)
+        mean, m2 = stats.finish_moments(len(x), row[0] / len(x), row[1], row[2])
+        assert abs(mean - x.mean()) <= 1e-12 * abs(x.mean())
+        assert m2 == pytest.approx(((x - x.mean()) ** 2).sum(), rel=1e-9)
+        assert (row[3], row[4]) == (x.min(), x.max())
+
+
+def test_whole_moments_of_nonfinite_values_are_not_finite():
+    values = np.array([1.0, np.nan, 2.0, 3.0, np.inf, -1.0], dtype=np.float32)
+    got = stats.whole_moments(values, np.array([0, 3]), np.array([3, 3]))
+    assert np.isnan(got[0, [0, 2, 3, 4]]).all() and not np.isfinite(got[1, [0, 2]]).any()
+    assert (got[1, 3:] == (-1.0, np.inf)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_stacked_sums_of_squares_match_float64(dtype):
+    gen = torch.Generator().manual_seed(0)
+    same = [(torch.randn(32, 64, generator=gen) * 10 ** (i % 5)).to(dtype) for i in range(49)]
+    got = stats.stacked_sums_of_squares(same)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    want = torch.stack([(t.double() ** 2).sum() for t in same])
+    assert float(((got.double() - want) / want).abs().max()) < 1e-6
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    # outputs of 16 x 8 = 128 values (kept whole), 16 x 300 = 4800 (sampled), 16 x 3
+    net = nn.Sequential(nn.Linear(5, 8), nn.Sigmoid(), nn.Linear(8, 300), nn.Tanh(), nn.Linear(300, 3))
+    with torch.no_grad():
+        net[0].bias.fill_(7.0)  # the sigmoid saturates: 0.999 +- a little
+    return net
+
+
+def test_small_outputs_cost_no_moment_or_gradient_kernel_and_are_exact(tmp_path, monkeypatch):
+    """Only the sampled layers (2: Linear(8, 300) and 3: Tanh) call the moment and gradient
+    kernels; the others' mean, variance, min, max and gradient norm equal float64
+    computations on their outputs (within the float32 the trace stores them in)."""
+    net = _net()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    calls = {"moments": 0, "sum_of_squares": 0}
+    for name in calls:
+        real = getattr(stats, name)
+        monkeypatch.setattr(stats, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(
+            _name, calls[_name] + 1) or _real(*a, **k))
+    outs: dict[str, list[torch.Tensor]] = {}
+    grads: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name, module, args, out):
+        outs.setdefault(name, []).append(out.detach().double())
+        out.register_hook(lambda g: grads.setdefault(name, []).append(g.double()))
+
+    steps = 3
+    with covshift.Tracer(net, tmp_path / "t.covshift", optimizer=opt, sample_size=1024) as tracer:
+        handles = [m.register_forward_hook(lambda m, a, o, n=n: keep(n, m, a, o)) for n, m in net.named_children()]
+        for _ in range(steps):
+            opt.zero_grad()
+            loss = net(torch.randn(16, 5)).square().mean()
+            loss.backward()
+            opt.step()
+            tracer.step(loss)
+        for h in handles:
+            h.remove()
+    assert calls == {"moments": 2 * steps, "sum_of_squares": 2 * steps}
+    tab = covshift.load(tmp_path / "t.covshift").scalars().set_index(["step", "layer", "metric"])["value"]
+    for name in ("0", "1", "4"):
+        for step in range(steps):
+            y, g = outs[name][step], grads[name][step]
+            assert tab[(step, name, "mean")] == pytest.approx(float(y.mean()), rel=1e-7)
+            assert tab[(step, name, "var")] == pytest.approx(float(y.var(unbiased=False)), rel=1e-6)
+            assert (tab[(step, name, "min")], tab[(step, name, "max")]) == (float(y.min()), float(y.max()))
+            assert tab[(step, name, "grad_norm")] == pytest.approx(float(g.norm()), rel=1e-6)
+    saturated = outs["1"][0]
+    assert float(saturated.mean()) > 0.99 and float(saturated.std()) < 1e-2  # the hard case for a variance
+
+
+def test_a_backward_after_step_does_not_break_the_next_step(tmp_path):
+    """A gradient held after step() ended its step is written at the next step's end, and
+    nothing fails (the cell it goes to belongs to the next step)."""
+    net = _net()
+    with covshift.Tracer(net, tmp_path / "t.covshift") as tracer:
+        loss = net(torch.randn(4, 5)).sum()
+        tracer.step(loss)
+        loss.backward()
+        net(torch.randn(4, 5)).sum().backward()
+        tracer.step()
+    steps, _ = covshift.load(tmp_path / "t.covshift").series("run", "", "loss")
+    assert steps.tolist() == [0]
