@@ -17,8 +17,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import stats
-
 
 class Arena:
     """Preallocated 1-D buffers, one being filled per dtype and device, that hooks write
@@ -194,7 +192,7 @@ class StepRecord:
     output size, sample buffer, sample offset, sample length, moments buffer, moments
     offset)`` into the :class:`Arena`, where the sample and ``[sample sum, S1, S2, min,
     max]`` (:func:`covshift.stats.moments`, shifted by the sample's mean) were written
-    (moments buffer -1: the sample is the whole output, and :func:`gather` computes them);
+    (moments buffer -1: the sample is the whole output, and ``whole`` has its moments);
     per output that requires a gradient ``(layer index, size, buffer, offset)`` of its
     gradient's sum of squares, :data:`UNSET` while no gradient came. Buffers and offsets
     are the :class:`Staging`'s, ``places`` and ``grad_places`` say where they went."""
@@ -205,6 +203,7 @@ class StepRecord:
     places: list[tuple[int, int]] = field(default_factory=list)  # Staging.move: buffer -> (arena buffer, offset)
     grad_places: list[tuple[int, int]] = field(default_factory=list)  # the same for the gradients' buffers
     inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # call -> input sample (GELU, SiLU)
+    whole: list[tuple[list[int], int]] = field(default_factory=list)  # (calls, slot of their moments rows)
     maxima: dict[int, Tensor] = field(default_factory=dict)  # call -> per-unit maxima (ReLU family)
     units: dict[int, Tensor] = field(default_factory=dict)  # call -> unit sums (3 × units), detail steps
     grads: list[tuple[int, int, int, int]] = field(default_factory=list)
@@ -286,10 +285,12 @@ def gather(records: list[StepRecord], arena: Arena) -> Calls:
     owner = np.repeat(np.arange(len(records)), counts)
     at = _Origins(records, bases, "places")
     start = at(owner, calls[:, 2], calls[:, 3])
-    kept = calls[:, 5] >= 0  # the others were sampled whole: their moments are computed here
+    kept = calls[:, 5] >= 0  # the others were sampled whole, their moments are in ``whole``
     moments = np.empty((len(calls), 5))
     moments[kept] = values[at(owner[kept], calls[kept, 5], calls[kept, 6])[:, None] + np.arange(5)]
-    moments[~kept] = stats.whole_moments(values, start[~kept], calls[~kept, 4])
+    for rec, offset in zip(records, offsets):
+        for members, handle in rec.whole:
+            moments[offset + np.asarray(members)] = rec.slots.get(handle).reshape(-1, 5)
     sampled = np.array([(offset + call, i, b, off) for i, (rec, offset) in enumerate(zip(records, offsets))
                         for call, (b, off) in rec.inputs.items()], dtype=np.int64).reshape(-1, 4)
     inputs = {int(call): values[begin:begin + calls[call, 4]]

@@ -148,6 +148,7 @@ class Tracer:
         self._current = self._new_record()
         self._closed = False
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._rows: dict[tuple[int, tuple[int, ...], torch.device], Tensor] = {}  # _rows_of's positions
         self._held: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # (buffer, shape, dtype) -> (cell, gradient)
         self._arena = Arena()
         # the step in progress, moved into the arena by step(); room for one call per layer
@@ -342,7 +343,7 @@ class Tracer:
         buffer, offset, sample = self._sample(flat)
         if x_sample is not None and x_sample[2] == sample.numel():
             rec.inputs[call] = x_sample[:2]
-        if sample.numel() == flat.numel():  # kept whole: gather() computes the moments on the host
+        if sample.numel() == flat.numel():  # kept whole: step() computes the moments of all such outputs
             at_buffer, at = -1, 0
         else:
             at_buffer, at, row = self._staging.take(5, flat)
@@ -429,12 +430,42 @@ class Tracer:
         self._write_held()
         rec.places = self._staging.move(self._arena)
         rec.grad_places = self._grad_staging.move(self._arena)
+        self._whole_moments(rec)
         if not rec.detail:
             rec.units.clear()
         for index, *_ in rec.calls:
             layer = self._by_index[index]
             if layer.position is None:
                 layer.position = next(self._order)
+
+    def _whole_moments(self, rec: StepRecord) -> None:
+        """The moments of the step's outputs kept whole, from their copies in the arena: one
+        batch of kernels per output size (:func:`covshift.stats.row_moments`), kept in
+        ``rec.whole``."""
+        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for call, (_, n, buffer, offset, _, at_buffer, _) in enumerate(rec.calls):
+            if at_buffer < 0:
+                groups.setdefault((buffer, n), []).append((call, offset))
+        for (buffer, n), members in groups.items():
+            arena_buffer, base = rec.places[buffer]
+            rows = self._rows_of(self._arena.buffers[arena_buffer], n, [base + o for _, o in members])
+            rec.whole.append(([c for c, _ in members], rec.slots.put(stats.row_moments(rows))))
+
+    def _rows_of(self, source: Tensor, n: int, offsets: list[int]) -> Tensor:
+        """The ``n`` values at each of ``offsets`` of a 1-D ``source`` as the rows of a 2-D
+        tensor: a view when the offsets are evenly spaced (a step's outputs of one size
+        usually lie end to end), else a gather by positions kept per layout."""
+        k, first = len(offsets), offsets[0]
+        gap = offsets[1] - first if k > 1 else n
+        if gap >= n and all(b - a == gap for a, b in zip(offsets, offsets[1:])):
+            return source.as_strided((k, n), (gap, 1), source.storage_offset() + first)
+        key = (n, tuple(o - first for o in offsets), source.device)
+        if key not in self._rows:
+            if len(self._rows) >= 64:  # layouts that keep changing: do not keep them all
+                self._rows.clear()
+            starts = torch.tensor(key[1], dtype=torch.int64).unsqueeze(1)
+            self._rows[key] = (starts + torch.arange(n)).reshape(-1).to(source.device)
+        return torch.index_select(source[first:], 0, self._rows[key]).view(k, n)
 
     def _new_record(self) -> StepRecord:
         return StepRecord(self._step, detail=self._step % self.detail_every == 0)
