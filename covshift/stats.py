@@ -259,15 +259,54 @@ def stacked_sums_of_squares(same: list[Tensor]) -> Tensor:
     return stacked.square_().sum(1)
 
 
-def norms(tensors: list[Tensor], dtype: torch.dtype | None = None) -> Tensor:
-    """The 2-norms of ``tensors`` as one tensor, accumulated and returned in ``dtype``, by
-    default float32, or float64 when one of them is float64 (``torch._foreach_norm`` alone
-    returns a bfloat16 tensor's norm in bfloat16, up to 0.4% off).
+#: On the CPU, tensors of at most this many elements and of one shape are normed in one
+#: stack (:func:`stacked_sums_of_squares`): there a kernel per tensor costs more than reading it.
+STACK_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class NormPlan:
+    """Which tensors of a list of known shapes :func:`norms` takes together: each of
+    ``stacks`` (indices, as a list and a tensor) four or more tensors of one shape and
+    dtype with at most :data:`STACK_LIMIT` elements, summed in one stack, when every tensor
+    is on the CPU; ``rest`` by ``torch._foreach_norm``. Made once per layout by :meth:`of`."""
+
+    stacks: tuple[tuple[list[int], Tensor], ...]
+    rest: tuple[list[int], Tensor]
+
+    @classmethod
+    def of(cls, tensors: list[Tensor]) -> NormPlan:
+        groups: dict[Any, list[int]] = {}
+        cpu = all(t.device.type == "cpu" for t in tensors)
+        for i, t in enumerate(tensors):
+            groups.setdefault((t.shape, t.dtype) if cpu and t.numel() <= STACK_LIMIT else i, []).append(i)
+        stacks = [g for g in groups.values() if len(g) >= 4]
+        stacked = {i for g in stacks for i in g}
+        rest = [i for i in range(len(tensors)) if i not in stacked]
+        return cls(tuple((g, torch.tensor(g)) for g in stacks), (rest, torch.tensor(rest, dtype=torch.int64)))
+
+
+def norms(tensors: list[Tensor], plan: NormPlan | None = None) -> Tensor:
+    """The 2-norms of ``tensors`` as one tensor, accumulated and returned in float32, or
+    float64 when one of them is float64 (``torch._foreach_norm`` alone returns a bfloat16
+    tensor's norm in bfloat16, up to 0.4% off); ``plan`` (:class:`NormPlan`) stacks small
+    tensors of one shape.
 
     >>> norms([torch.ones(4, dtype=torch.bfloat16), torch.ones(9)])
     tensor([2., 3.])
     """
-    wide = dtype or (torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32)
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    if plan is None or not plan.stacks:
+        return _foreach_norms(tensors, wide)
+    out = torch.empty(len(tensors), dtype=wide)
+    for members, at in plan.stacks:
+        out.index_copy_(0, at, stacked_sums_of_squares([tensors[i] for i in members]).to(wide).sqrt_())
+    if plan.rest[0]:
+        out.index_copy_(0, plan.rest[1], _foreach_norms([tensors[i] for i in plan.rest[0]], wide))
+    return out
+
+
+def _foreach_norms(tensors: list[Tensor], wide: torch.dtype) -> Tensor:
     try:
         return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide))
     except TypeError:  # torch < 2.3 has no dtype argument

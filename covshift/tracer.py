@@ -148,6 +148,7 @@ class Tracer:
         self._current = self._new_record()
         self._closed = False
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+        self._norm_plans: dict[tuple[tuple[int, ...], int, bool], stats.NormPlan] = {}  # by layout, see _record_params
         self._rows: dict[tuple[int, tuple[int, ...], torch.device], Tensor] = {}  # _rows_of's positions
         self._held: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # (buffer, shape, dtype) -> (cell, gradient)
         self._arena = Arena()
@@ -491,7 +492,10 @@ class Tracer:
             batch += prev
         if not batch:
             return
-        norms = stats.norms(batch)
+        layout = (tuple(have), len(params), prev is not None)
+        if layout not in self._norm_plans:
+            self._norm_plans[layout] = stats.NormPlan.of(batch)
+        norms = stats.norms(batch, self._norm_plans[layout])
         put, g, w = rec.slots.put, len(have), len(params)
         if have:
             rec.grad_norms = put(norms[:g])
