@@ -132,7 +132,7 @@ def _sample_summaries(calls: Calls, layers: Layers, entries: _Entries,
     summarised together when their samples have the same length and their layers the same
     nonlinearity; only the values a field needs are copied out of the samples: the first
     ``PERCENTILE_VALUES`` for the percentiles, whole samples for a nonlinearity of the
-    output, for the histograms, and for the non-finite fraction where ``finite`` (the
+    output (unless the step took its saturation and gain, ``calls.derived``), for the histograms, and for the non-finite fraction where ``finite`` (the
     entry's min and max are finite) does not make it 0."""
     rng = np.random.default_rng(0)
     rows: dict[int, np.ndarray] = {}
@@ -148,13 +148,15 @@ def _sample_summaries(calls: Calls, layers: Layers, entries: _Entries,
             inputs[e] = pool(sizes, [calls.inputs[c] for c in calls_of], rng)
     _, layer_of_kind, kind_of_layer = np.unique([id(k) for k in layers.kinds], return_index=True,
                                                 return_inverse=True)
-    keys = np.stack([length, kind_of_layer[entries.layer], has_inputs])
+    # saturation and gain taken at the step (an output kept whole, a module called once)
+    derived = (entries.counts == 1) & np.isfinite(calls.derived[entries.first]).all(axis=1)
+    keys = np.stack([length, kind_of_layer[entries.layer], has_inputs, derived])
     summary = np.full((len(length), len(stats.SAMPLE_FIELDS)), np.nan)
     summary[:, 5] = 0.0
     derivative = np.zeros(len(length), dtype=bool)
     for key in np.unique(keys, axis=1).T:
         kind = layers.kinds[int(layer_of_kind[key[1]])]
-        of_output = kind is not None and not kind.of_input
+        of_output = kind is not None and not kind.of_input and not key[3]
         width = int(key[0]) if of_output else min(int(key[0]), stats.PERCENTILE_VALUES)
         # rows of ``width`` values starting anywhere in the samples, as a view: indexing it copies the rows
         windows = np.lib.stride_tricks.sliding_window_view(calls.samples, width)
@@ -169,7 +171,10 @@ def _sample_summaries(calls: Calls, layers: Layers, entries: _Entries,
             source = samples if of_output else None
             if kind is not None and kind.of_input and key[2]:
                 source = np.stack([inputs[e] if e in inputs else calls.inputs[c] for e, c in zip(group.tolist(), firsts)])
-            if source is not None:
+            if key[3]:
+                summary[group, 3:5] = calls.derived[firsts]
+                derivative[group] = True
+            elif source is not None:
                 summary[group, 3:5] = stats.derivative_stats(source, kind)
                 derivative[group] = True
     pooled: dict[int, np.ndarray] = {}

@@ -203,7 +203,8 @@ class StepRecord:
     places: list[tuple[int, int]] = field(default_factory=list)  # Staging.move: buffer -> (arena buffer, offset)
     grad_places: list[tuple[int, int]] = field(default_factory=list)  # the same for the gradients' buffers
     inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # call -> input sample (GELU, SiLU)
-    whole: list[tuple[list[int], int]] = field(default_factory=list)  # (calls, slot of their moments rows)
+    # (calls, slot of their moments rows, slot of their saturation and gain or None)
+    whole: list[tuple[list[int], int, int | None]] = field(default_factory=list)
     maxima: dict[int, Tensor] = field(default_factory=dict)  # call -> per-unit maxima (ReLU family)
     units: dict[int, Tensor] = field(default_factory=dict)  # call -> unit sums (3 × units), detail steps
     grads: list[tuple[int, int, int, int]] = field(default_factory=list)
@@ -223,8 +224,9 @@ class Calls:
     """The forward calls and output gradients of a flush's records, on the host. Per call
     ``i``: ``step[i]``, ``layer[i]``, ``size[i]``, ``moments[i]`` (float64) and the sample
     ``samples[start[i]:start[i] + length[i]]`` in the samples' dtype; ``inputs``,
-    ``maxima`` and ``units`` by call. Merged from ``ranks`` processes, a step has each
-    process's calls of a layer."""
+    ``maxima`` and ``units`` by call; ``derived``, the saturation and gain the step took of
+    an output kept whole. Merged from ``ranks`` processes, a step has each process's calls
+    of a layer."""
 
     step: np.ndarray
     layer: np.ndarray
@@ -241,6 +243,11 @@ class Calls:
     grad_size: np.ndarray
     grad_sumsq: np.ndarray
     ranks: int = 1  # processes whose calls these are (covshift.distributed.merge)
+    derived: np.ndarray | None = None  # (calls, 2): saturation and gain taken at the step, NaN where not
+
+    def __post_init__(self) -> None:
+        if self.derived is None:
+            self.derived = np.full((len(self.step), 2), np.nan)
 
     def sample(self, call: int) -> np.ndarray:
         return self.samples[self.start[call]:self.start[call] + self.length[call]]
@@ -288,9 +295,12 @@ def gather(records: list[StepRecord], arena: Arena) -> Calls:
     kept = calls[:, 5] >= 0  # the others were sampled whole, their moments are in ``whole``
     moments = np.empty((len(calls), 5))
     moments[kept] = values[at(owner[kept], calls[kept, 5], calls[kept, 6])[:, None] + np.arange(5)]
+    derived = np.full((len(calls), 2), np.nan)
     for rec, offset in zip(records, offsets):
-        for members, handle in rec.whole:
+        for members, handle, both in rec.whole:
             moments[offset + np.asarray(members)] = rec.slots.get(handle).reshape(-1, 5)
+            if both is not None:
+                derived[offset + np.asarray(members)] = rec.slots.get(both).reshape(-1, 2)
     sampled = np.array([(offset + call, i, b, off) for i, (rec, offset) in enumerate(zip(records, offsets))
                         for call, (b, off) in rec.inputs.items()], dtype=np.int64).reshape(-1, 4)
     inputs = {int(call): values[begin:begin + calls[call, 4]]
@@ -305,7 +315,7 @@ def gather(records: list[StepRecord], arena: Arena) -> Calls:
         moments=moments, samples=values, start=start, length=calls[:, 4], inputs=inputs,
         maxima=_by_call(records, offsets, "maxima"), units=_by_call(records, offsets, "units"),
         grad_step=grad_step[came], grad_layer=grads[came, 0], grad_size=grads[came, 1].astype(np.float64),
-        grad_sumsq=sumsq[came],
+        grad_sumsq=sumsq[came], derived=derived,
     )
 
 

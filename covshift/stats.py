@@ -235,6 +235,15 @@ def row_moments(rows: Tensor) -> Tensor:
     return torch.stack([total, d.sum(1), d.square_().sum(1), lo, hi], dim=1)
 
 
+def row_derivative_stats(rows: Tensor, kind: Nonlinearity) -> Tensor:
+    """Saturation and gain (:func:`derivative_stats`) of each row of a 2-D tensor of a
+    nonlinearity's outputs, shape ``(rows, 2)``, on the device: the tracer's for the
+    outputs it keeps whole, all outputs of one size and nonlinearity at once."""
+    deriv = kind.derivative(rows)
+    n = rows.shape[1]
+    return torch.stack([(deriv.abs() < SATURATION_THRESHOLD).sum(1) / n, deriv.sum(1) / n], dim=1)
+
+
 def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """``sum(flat**2)`` of a 1-D tensor as a 0-dim tensor (written into ``out`` when given),
     summed pairwise: a relative error of ~1e-8 on 4M float32 values, where ``torch.dot``

@@ -440,17 +440,21 @@ class Tracer:
                 layer.position = next(self._order)
 
     def _whole_moments(self, rec: StepRecord) -> None:
-        """The moments of the step's outputs kept whole, from their copies in the arena: one
-        batch of kernels per output size (:func:`covshift.stats.row_moments`), kept in
-        ``rec.whole``."""
-        groups: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for call, (_, n, buffer, offset, _, at_buffer, _) in enumerate(rec.calls):
+        """The moments of the step's outputs kept whole, and the saturation and gain of those
+        of a nonlinearity of the output, from their copies in the arena: one batch of
+        kernels per output size and nonlinearity (:func:`covshift.stats.row_moments`,
+        :func:`covshift.stats.row_derivative_stats`), kept in ``rec.whole``."""
+        groups: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+        for call, (index, n, buffer, offset, _, at_buffer, _) in enumerate(rec.calls):
             if at_buffer < 0:
-                groups.setdefault((buffer, n), []).append((call, offset))
-        for (buffer, n), members in groups.items():
+                kind = self._by_index[index].kind
+                groups.setdefault((buffer, n, id(kind) if kind and not kind.of_input else 0), []).append((call, offset))
+        for (buffer, n, _), members in groups.items():
             arena_buffer, base = rec.places[buffer]
             rows = self._rows_of(self._arena.buffers[arena_buffer], n, [base + o for _, o in members])
-            rec.whole.append(([c for c, _ in members], rec.slots.put(stats.row_moments(rows))))
+            kind = self._by_index[rec.calls[members[0][0]][0]].kind
+            derived = None if kind is None or kind.of_input else rec.slots.put(stats.row_derivative_stats(rows, kind))
+            rec.whole.append(([c for c, _ in members], rec.slots.put(stats.row_moments(rows)), derived))
 
     def _rows_of(self, source: Tensor, n: int, offsets: list[int]) -> Tensor:
         """The ``n`` values at each of ``offsets`` of a 1-D ``source`` as the rows of a 2-D

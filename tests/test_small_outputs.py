@@ -66,8 +66,9 @@ def _net() -> nn.Sequential:
 
 def test_small_outputs_cost_no_moment_or_gradient_kernel_and_are_exact(tmp_path, monkeypatch):
     """Only the sampled layers (2: Linear(8, 300) and 3: Tanh) call the moment and gradient
-    kernels; the others' mean, variance, min, max and gradient norm equal float64
-    computations on their outputs (within the float32 the trace stores them in)."""
+    kernels, and only the Tanh has its saturation and gain taken at the flush; the others'
+    mean, variance, min, max, gradient norm, saturation and gain equal float64 computations
+    on their outputs (within the float32 the trace stores them in)."""
     net = _net()
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     calls = {"moments": 0, "sum_of_squares": 0}
@@ -75,6 +76,10 @@ def test_small_outputs_cost_no_moment_or_gradient_kernel_and_are_exact(tmp_path,
         real = getattr(stats, name)
         monkeypatch.setattr(stats, name, lambda *a, _real=real, _name=name, **k: calls.__setitem__(
             _name, calls[_name] + 1) or _real(*a, **k))
+    widths: list[int] = []
+    real_derivative_stats = stats.derivative_stats
+    monkeypatch.setattr(stats, "derivative_stats", lambda source, kind: widths.append(source.shape[1])
+                        or real_derivative_stats(source, kind))
     outs: dict[str, list[torch.Tensor]] = {}
     grads: dict[str, list[torch.Tensor]] = {}
 
@@ -94,6 +99,7 @@ def test_small_outputs_cost_no_moment_or_gradient_kernel_and_are_exact(tmp_path,
         for h in handles:
             h.remove()
     assert calls == {"moments": 2 * steps, "sum_of_squares": 2 * steps}
+    assert widths == [1024]  # the flush took saturation and gain of the sampled Tanh only
     tab = covshift.load(tmp_path / "t.covshift").scalars().set_index(["step", "layer", "metric"])["value"]
     for name in ("0", "1", "4"):
         for step in range(steps):
@@ -102,6 +108,10 @@ def test_small_outputs_cost_no_moment_or_gradient_kernel_and_are_exact(tmp_path,
             assert tab[(step, name, "var")] == pytest.approx(float(y.var(unbiased=False)), rel=1e-6)
             assert (tab[(step, name, "min")], tab[(step, name, "max")]) == (float(y.min()), float(y.max()))
             assert tab[(step, name, "grad_norm")] == pytest.approx(float(g.norm()), rel=1e-6)
+    for step in range(steps):  # the sigmoid's saturation and gain, taken at the step
+        d = 4 * outs["1"][step] * (1 - outs["1"][step])
+        assert tab[(step, "1", "saturation")] == pytest.approx(float((d.abs() < 0.1).double().mean()), abs=1e-7)
+        assert tab[(step, "1", "gain")] == pytest.approx(float(d.mean()), rel=1e-6)
     saturated = outs["1"][0]
     assert float(saturated.mean()) > 0.99 and float(saturated.std()) < 1e-2  # the hard case for a variance
 
