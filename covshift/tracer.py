@@ -8,7 +8,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -149,7 +149,7 @@ class Tracer:
         self._closed = False
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._norm_plans: dict[tuple[tuple[int, ...], int, bool], stats.NormPlan] = {}  # by layout, see _record_params
-        self._rows: dict[tuple[int, tuple[int, ...], torch.device], Tensor] = {}  # _rows_of's positions
+        self._indices: dict[tuple[Any, ...], Tensor] = {}  # see _index_of
         self._held: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # (buffer, shape, dtype) -> (cell, gradient)
         self._arena = Arena()
         # the step in progress, moved into the arena by step(); room for one call per layer
@@ -394,7 +394,8 @@ class Tracer:
             if index >= len(self._grad_staging.buffers):  # a backward after step() of a step whose buffers went
                 continue
             cells = self._grad_staging.buffers[index]
-            at = torch.tensor([a for a, _ in pairs]).to(cells.device, non_blocking=True)
+            offsets = tuple(a for a, _ in pairs)
+            at = self._index_of(("cells", offsets, cells.device), lambda: torch.tensor(offsets).to(cells.device))
             cells.index_copy_(0, at, stats.stacked_sums_of_squares([g for _, g in pairs]).to(cells.dtype))
 
     # step boundary ---------------------------------------------------------------------
@@ -464,13 +465,19 @@ class Tracer:
         gap = offsets[1] - first if k > 1 else n
         if gap >= n and all(b - a == gap for a, b in zip(offsets, offsets[1:])):
             return source.as_strided((k, n), (gap, 1), source.storage_offset() + first)
-        key = (n, tuple(o - first for o in offsets), source.device)
-        if key not in self._rows:
-            if len(self._rows) >= 64:  # layouts that keep changing: do not keep them all
-                self._rows.clear()
-            starts = torch.tensor(key[1], dtype=torch.int64).unsqueeze(1)
-            self._rows[key] = (starts + torch.arange(n)).reshape(-1).to(source.device)
-        return torch.index_select(source[first:], 0, self._rows[key]).view(k, n)
+        starts = tuple(o - first for o in offsets)
+        at = self._index_of(("rows", n, starts, source.device),
+                            lambda: (torch.tensor(starts).unsqueeze(1) + torch.arange(n)).reshape(-1).to(source.device))
+        return torch.index_select(source[first:], 0, at).view(k, n)
+
+    def _index_of(self, key: tuple[Any, ...], build: Callable[[], Tensor]) -> Tensor:
+        """An index tensor on the device, built once per ``key`` (a step's calls come in the
+        same order at every step, so it is not sent again); at most 64 are kept."""
+        if key not in self._indices:
+            if len(self._indices) >= 64:  # layouts that keep changing: do not keep them all
+                self._indices.clear()
+            self._indices[key] = build()
+        return self._indices[key]
 
     def _new_record(self) -> StepRecord:
         return StepRecord(self._step, detail=self._step % self.detail_every == 0)

@@ -55,21 +55,27 @@ def test_stacked_sums_of_squares_match_float64(dtype):
     assert float(((got.double() - want) / want).abs().max()) < 1e-6
 
 
-def _net() -> nn.Sequential:
+def _net(uneven: bool = False) -> nn.Sequential:
+    """Outputs of 16 x 8 = 128 values (kept whole), 16 x 300 = 4800 (sampled), 16 x 3. With
+    ``uneven``, the whole outputs of the Linear layers 0, 2 and 5 do not lie at even
+    distances in the step's buffer (the sampled layers' values sit between 2 and 5), so
+    their rows are gathered by positions instead of viewed."""
     torch.manual_seed(0)
-    # outputs of 16 x 8 = 128 values (kept whole), 16 x 300 = 4800 (sampled), 16 x 3
-    net = nn.Sequential(nn.Linear(5, 8), nn.Sigmoid(), nn.Linear(8, 300), nn.Tanh(), nn.Linear(300, 3))
+    middle = [nn.Linear(8, 8)] if uneven else []
+    tail = [nn.Linear(300, 8), nn.Linear(8, 3)] if uneven else [nn.Linear(300, 3)]
+    net = nn.Sequential(nn.Linear(5, 8), nn.Sigmoid(), *middle, nn.Linear(8, 300), nn.Tanh(), *tail)
     with torch.no_grad():
         net[0].bias.fill_(7.0)  # the sigmoid saturates: 0.999 +- a little
     return net
 
 
-def test_small_outputs_cost_no_moment_or_gradient_kernel_and_are_exact(tmp_path, monkeypatch):
-    """Only the sampled layers (2: Linear(8, 300) and 3: Tanh) call the moment and gradient
+@pytest.mark.parametrize("uneven", [False, True])
+def test_small_outputs_cost_no_moment_or_gradient_kernel_and_are_exact(tmp_path, monkeypatch, uneven):
+    """Only the sampled layers (Linear(8, 300) and its Tanh) call the moment and gradient
     kernels, and only the Tanh has its saturation and gain taken at the flush; the others'
     mean, variance, min, max, gradient norm, saturation and gain equal float64 computations
     on their outputs (within the float32 the trace stores them in)."""
-    net = _net()
+    net = _net(uneven)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     calls = {"moments": 0, "sum_of_squares": 0}
     for name in calls:
@@ -98,10 +104,12 @@ def test_small_outputs_cost_no_moment_or_gradient_kernel_and_are_exact(tmp_path,
             tracer.step(loss)
         for h in handles:
             h.remove()
+        gathered = any(key[0] == "rows" for key in tracer._indices)
+    assert gathered == uneven
     assert calls == {"moments": 2 * steps, "sum_of_squares": 2 * steps}
     assert widths == [1024]  # the flush took saturation and gain of the sampled Tanh only
     tab = covshift.load(tmp_path / "t.covshift").scalars().set_index(["step", "layer", "metric"])["value"]
-    for name in ("0", "1", "4"):
+    for name in ("0", "1", "2", "5", "6") if uneven else ("0", "1", "4"):
         for step in range(steps):
             y, g = outs[name][step], grads[name][step]
             assert abs(tab[(step, name, "mean")] - float(y.mean())) <= 1e-6 * float(y.mean().abs() + y.std())
