@@ -15,6 +15,7 @@ hooked layers, batch 32).
     python benchmarks/overhead.py                 # CPU, mlp and cnn
     python benchmarks/overhead.py --models deep --threads 1 --rounds 20 --block 20
     python benchmarks/overhead.py --device cuda   # where a GPU is available
+    python benchmarks/overhead.py --models mlp,deep --threads 1 --floor   # and the bare hooks' cost
 """
 
 from __future__ import annotations
@@ -103,29 +104,68 @@ def time_block(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim
     return time.perf_counter() - start
 
 
+def _ignore(grad: torch.Tensor) -> None:
+    return None
+
+
+class Floor:
+    """The least a tracer that hooks every layer does, without any statistic or file: a
+    forward hook on each of ``layers`` copying the output's first ``sample_size`` values into
+    a preallocated buffer (covshift's sample is as large), and a gradient hook on the output
+    that does nothing. Its cost is PyTorch's hook machinery and one small copy."""
+
+    def __init__(self, model: nn.Module, layers: list[str], sample_size: int = 4096) -> None:
+        modules = dict(model.named_modules())
+        self.sample_size, self.buffer = sample_size, torch.empty(0)
+        self.handles = [modules[name].register_forward_hook(self._forward) for name in layers]
+
+    def _forward(self, module: nn.Module, args: object, output: object) -> None:
+        if not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        flat = output.detach().reshape(-1)[: self.sample_size]
+        if self.buffer.numel() < flat.numel() or self.buffer.device != flat.device:
+            self.buffer = torch.empty_like(flat)
+        self.buffer[: flat.numel()].copy_(flat)
+        output.register_hook(_ignore)
+
+    def step(self, loss: torch.Tensor) -> None:
+        return None
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 def measure(name: str, build, device: torch.device, rounds: int, block: int, folder: Path,
-            target: float) -> float:
+            target: float, floor: bool = False) -> float:
     torch.manual_seed(0)
     plain, shape = build()
-    traced = copy.deepcopy(plain)
-    plain.to(device)
-    traced.to(device)
+    traced, bare = copy.deepcopy(plain), copy.deepcopy(plain)
+    for model in (plain, traced, bare):
+        model.to(device)
     x = torch.randn(shape, device=device)
     y = torch.randint(0, 10, (shape[0],), device=device)
-    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (plain, traced)}
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (plain, traced, bare)}
 
-    def run(model: nn.Module, tracer: covshift.Tracer | None) -> float:
+    def run(model: nn.Module, tracer: Recorder | None) -> float:
         return time_block(model, opts[id(model)], tracer, x, y, block, device)
 
-    ratios, plain_times = [], []
+    ratios, floors, plain_times = [], [], []
     with covshift.Tracer(traced, folder / f"{name}.covshift", optimizer=opts[id(traced)]) as tracer:
-        run(plain, None), run(traced, tracer)  # warm up
+        run(plain, None), run(traced, tracer)  # warm up (the tracer finds its layers in the first step)
+        hooks = Floor(bare, tracer.layers) if floor else None
+        if hooks is not None:
+            run(bare, hooks)
         for _ in range(rounds):
             t_plain = run(plain, None)
             t_traced = run(traced, tracer)
+            if hooks is not None:
+                floors.append(run(bare, hooks) / t_plain)
             ratios.append(t_traced / t_plain)
             plain_times.append(t_plain / block)
         layers = len(tracer.layers)
+    if hooks is not None:
+        hooks.close()
     ratio = statistics.median(ratios)
     plain_step = statistics.median(plain_times)
     per_layer = (ratio - 1.0) * plain_step / layers * 1e6
@@ -133,6 +173,11 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
           f"traced/plain {ratio:.3f}{' ✗' if ratio > target else ''} (target ≤ {target:.2f}; rounds "
           f"{min(ratios):.3f}..{max(ratios):.3f}), {layers} layers, {per_layer:.0f} µs per layer and step",
           flush=True)
+    if floors:
+        bound = statistics.median(floors)
+        print(f"{'':5s} floor (hooks that copy each output's sample and hook its gradient, no statistics): "
+              f"{bound:.3f} of plain, {(bound - 1.0) * plain_step / layers * 1e6:.0f} µs per layer and step",
+              flush=True)
     return ratio
 
 
@@ -162,12 +207,15 @@ def parse_steps(parser: argparse.ArgumentParser, models: list[str]) -> tuple[arg
 def main() -> None:
     parser = step_parser(__doc__, list(TARGETS), rounds=15, block=50)
     parser.add_argument("--channels", type=int, default=32, help="channels of the CNN's conv layers")
+    parser.add_argument("--floor", action="store_true",
+                        help="also time bare hooks on the same layers (a copy of each output's sample, an empty "
+                             "gradient hook): the cost of PyTorch's hook machinery that any per-layer tracer pays")
     args, device = parse_steps(parser, list(TARGETS))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             build = {"mlp": mlp, "cnn": partial(cnn, args.channels), "cnn8": cnn8, "deep": deep}[name]
             measure(f"{name}{args.channels if name == 'cnn' else ''}", build, device, args.rounds, args.block,
-                    Path(folder), TARGETS[name])
+                    Path(folder), TARGETS[name], args.floor)
 
 
 if __name__ == "__main__":
