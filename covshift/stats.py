@@ -236,9 +236,11 @@ def row_moments(rows: Tensor) -> Tensor:
 
 
 def row_derivative_stats(rows: Tensor, kind: Nonlinearity) -> Tensor:
-    """Saturation and gain (:func:`derivative_stats`) of each row of a 2-D tensor of a
-    nonlinearity's outputs, shape ``(rows, 2)``, on the device: the tracer's for the
-    outputs it keeps whole, all outputs of one size and nonlinearity at once."""
+    """Saturation (the fraction with ``|g| < SATURATION_THRESHOLD``) and gain (the mean of
+    ``g``, a pairwise sum) of ``g = kind.derivative`` on each row of a 2-D tensor, shape
+    ``(rows, 2)``, on the rows' device: the tracer's for the outputs it keeps whole, all
+    outputs of one size and nonlinearity at once (:func:`derivative_stats` is the flush's,
+    on the host, its gain averaged in float64)."""
     deriv = kind.derivative(rows)
     n = rows.shape[1]
     return torch.stack([(deriv.abs() < SATURATION_THRESHOLD).sum(1) / n, deriv.sum(1) / n], dim=1)

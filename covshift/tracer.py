@@ -445,16 +445,16 @@ class Tracer:
         of a nonlinearity of the output, from their copies in the arena: one batch of
         kernels per output size and nonlinearity (:func:`covshift.stats.row_moments`,
         :func:`covshift.stats.row_derivative_stats`), kept in ``rec.whole``."""
-        groups: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+        groups: dict[tuple[int, int, stats.Nonlinearity | None], list[tuple[int, int]]] = {}
         for call, (index, n, buffer, offset, _, at_buffer, _) in enumerate(rec.calls):
             if at_buffer < 0:
                 kind = self._by_index[index].kind
-                groups.setdefault((buffer, n, id(kind) if kind and not kind.of_input else 0), []).append((call, offset))
-        for (buffer, n, _), members in groups.items():
+                of_output = kind if kind is not None and not kind.of_input else None
+                groups.setdefault((buffer, n, of_output), []).append((call, offset))
+        for (buffer, n, kind), members in groups.items():
             arena_buffer, base = rec.places[buffer]
             rows = self._rows_of(self._arena.buffers[arena_buffer], n, [base + o for _, o in members])
-            kind = self._by_index[rec.calls[members[0][0]][0]].kind
-            derived = None if kind is None or kind.of_input else rec.slots.put(stats.row_derivative_stats(rows, kind))
+            derived = None if kind is None else rec.slots.put(stats.row_derivative_stats(rows, kind))
             rec.whole.append(([c for c, _ in members], rec.slots.put(stats.row_moments(rows)), derived))
 
     def _rows_of(self, source: Tensor, n: int, offsets: list[int]) -> Tensor:
@@ -492,11 +492,13 @@ class Tracer:
         rec.grad_params = have
         params = self._tracked_locals() if self._tracked else []
         prev = self._prev if params and self._prev is not None else None
-        last = self._last_norms
-        # the weights before this update were snapshotted when the previous step's norms
-        # were taken, so when that step was recorded its norms are theirs
-        if prev is not None and (last is None or last[0] != rec.step - 1 or len(last[1]) != len(params)):
-            last = (rec.step - 1, stats.norms(prev))
+        before: Tensor | None = None  # the norms of the weights before this update
+        if prev is not None:
+            # the weights before this update were snapshotted when the previous step's norms
+            # were taken, so when that step was recorded its norms are theirs
+            last = self._last_norms
+            fresh = last is not None and last[0] == rec.step - 1 and len(last[1]) == len(params)
+            before = last[1] if fresh and last is not None else stats.norms(prev)
         batch += params
         if prev is not None:
             torch._foreach_sub_(prev, params)  # minus the update: the same norm
@@ -514,8 +516,8 @@ class Tracer:
             rec.tracked = self._tracked
             rec.weight_norms = put(norms[g:g + w])
             self._last_norms = (rec.step, norms[g:g + w])
-        if prev is not None and last is not None:
-            rec.update_norms, rec.prev_norms = put(norms[g + w:]), put(last[1])
+        if before is not None:
+            rec.update_norms, rec.prev_norms = put(norms[g + w:]), put(before)
 
     def _record_scalars(self, rec: StepRecord, loss: Tensor | float | None) -> None:
         if isinstance(loss, Tensor) and loss.numel() != 1:

@@ -134,8 +134,9 @@ def test_a_backward_after_step_does_not_break_the_next_step(tmp_path):
         loss.backward()
         net(torch.randn(4, 5)).sum().backward()
         tracer.step()
-    steps, _ = covshift.load(tmp_path / "t.covshift").series("run", "", "loss")
-    assert steps.tolist() == [0]
+    trace = covshift.load(tmp_path / "t.covshift")
+    assert trace.series("run", "", "loss")[0].tolist() == [0]
+    assert trace.series("run", "0", "grad_norm")[0].tolist() == [1]  # step 0's gradient came after it ended
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
