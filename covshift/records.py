@@ -203,8 +203,8 @@ class StepRecord:
     places: list[tuple[int, int]] = field(default_factory=list)  # Staging.move: buffer -> (arena buffer, offset)
     grad_places: list[tuple[int, int]] = field(default_factory=list)  # the same for the gradients' buffers
     inputs: dict[int, tuple[int, int]] = field(default_factory=dict)  # call -> input sample (GELU, SiLU)
-    # (calls, slot of their moments rows, slot of their saturation and gain or None)
-    whole: list[tuple[list[int], int, int | None]] = field(default_factory=list)
+    whole: list[tuple[list[int], int]] = field(default_factory=list)  # (calls, slot of their moments rows)
+    derived: list[tuple[list[int], int]] = field(default_factory=list)  # (calls, slot of their saturation and gain)
     maxima: dict[int, Tensor] = field(default_factory=dict)  # call -> per-unit maxima (ReLU family)
     units: dict[int, Tensor] = field(default_factory=dict)  # call -> unit sums (3 × units), detail steps
     grads: list[tuple[int, int, int, int]] = field(default_factory=list)
@@ -297,10 +297,10 @@ def gather(records: list[StepRecord], arena: Arena) -> Calls:
     moments[kept] = values[at(owner[kept], calls[kept, 5], calls[kept, 6])[:, None] + np.arange(5)]
     derived = np.full((len(calls), 2), np.nan)
     for rec, offset in zip(records, offsets):
-        for members, handle, both in rec.whole:
+        for members, handle in rec.whole:
             moments[offset + np.asarray(members)] = rec.slots.get(handle).reshape(-1, 5)
-            if both is not None:
-                derived[offset + np.asarray(members)] = rec.slots.get(both).reshape(-1, 2)
+        for members, handle in rec.derived:
+            derived[offset + np.asarray(members)] = rec.slots.get(handle).reshape(-1, 2)
     sampled = np.array([(offset + call, i, b, off) for i, (rec, offset) in enumerate(zip(records, offsets))
                         for call, (b, off) in rec.inputs.items()], dtype=np.int64).reshape(-1, 4)
     inputs = {int(call): values[begin:begin + calls[call, 4]]

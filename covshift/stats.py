@@ -242,8 +242,8 @@ def row_derivative_stats(rows: Tensor, kind: Nonlinearity) -> Tensor:
     outputs of one size and nonlinearity at once (:func:`derivative_stats` is the flush's,
     on the host, its gain averaged in float64)."""
     deriv = kind.derivative(rows)
-    n = rows.shape[1]
-    return torch.stack([(deriv.abs() < SATURATION_THRESHOLD).sum(1) / n, deriv.sum(1) / n], dim=1)
+    # the count (int64) is promoted to the derivative's dtype by the stack: one division for both
+    return torch.stack([(deriv.abs() < SATURATION_THRESHOLD).sum(1), deriv.sum(1)], dim=1) / rows.shape[1]
 
 
 def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | None = None) -> Tensor:

@@ -20,6 +20,7 @@ from .layers import ROOT, calls_children_functionally, first_tensor, functional_
 from .records import UNSET, Arena, Calls, Slots, Staging, StepRecord, fetch, gather
 from .columns import Layers, run_columns, summarize
 from .saving import Batch, Saver
+from .whole import DeviceIndices, WholePlan
 
 __all__ = ["ROOT", "Tracer", "first_tensor", "select_layers"]
 
@@ -149,7 +150,8 @@ class Tracer:
         self._closed = False
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._norm_plans: dict[tuple[tuple[int, ...], int, bool], stats.NormPlan] = {}  # by layout, see _record_params
-        self._indices: dict[tuple[Any, ...], Tensor] = {}  # see _index_of
+        self._indices = DeviceIndices()
+        self._whole = WholePlan(self._kind_of_output, self._indices)
         self._held: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # (buffer, shape, dtype) -> (cell, gradient)
         self._arena = Arena()
         # the step in progress, moved into the arena by step(); room for one call per layer
@@ -395,7 +397,7 @@ class Tracer:
                 continue
             cells = self._grad_staging.buffers[index]
             offsets = tuple(a for a, _ in pairs)
-            at = self._index_of(("cells", offsets, cells.device), lambda: torch.tensor(offsets).to(cells.device))
+            at = self._indices.get(("cells", offsets, cells.device), lambda: torch.tensor(offsets).to(cells.device))
             cells.index_copy_(0, at, stats.stacked_sums_of_squares([g for _, g in pairs]).to(cells.dtype))
 
     # step boundary ---------------------------------------------------------------------
@@ -432,7 +434,7 @@ class Tracer:
         self._write_held()
         rec.places = self._staging.move(self._arena)
         rec.grad_places = self._grad_staging.move(self._arena)
-        self._whole_moments(rec)
+        self._whole.compute(rec, self._arena)
         if not rec.detail:
             rec.units.clear()
         for index, *_ in rec.calls:
@@ -440,44 +442,10 @@ class Tracer:
             if layer.position is None:
                 layer.position = next(self._order)
 
-    def _whole_moments(self, rec: StepRecord) -> None:
-        """The moments of the step's outputs kept whole, and the saturation and gain of those
-        of a nonlinearity of the output, from their copies in the arena: one batch of
-        kernels per output size and nonlinearity (:func:`covshift.stats.row_moments`,
-        :func:`covshift.stats.row_derivative_stats`), kept in ``rec.whole``."""
-        groups: dict[tuple[int, int, stats.Nonlinearity | None], list[tuple[int, int]]] = {}
-        for call, (index, n, buffer, offset, _, at_buffer, _) in enumerate(rec.calls):
-            if at_buffer < 0:
-                kind = self._by_index[index].kind
-                of_output = kind if kind is not None and not kind.of_input else None
-                groups.setdefault((buffer, n, of_output), []).append((call, offset))
-        for (buffer, n, kind), members in groups.items():
-            arena_buffer, base = rec.places[buffer]
-            rows = self._rows_of(self._arena.buffers[arena_buffer], n, [base + o for _, o in members])
-            derived = None if kind is None else rec.slots.put(stats.row_derivative_stats(rows, kind))
-            rec.whole.append(([c for c, _ in members], rec.slots.put(stats.row_moments(rows)), derived))
-
-    def _rows_of(self, source: Tensor, n: int, offsets: list[int]) -> Tensor:
-        """The ``n`` values at each of ``offsets`` of a 1-D ``source`` as the rows of a 2-D
-        tensor: a view when the offsets are evenly spaced (a step's outputs of one size
-        usually lie end to end), else a gather by positions kept per layout."""
-        k, first = len(offsets), offsets[0]
-        gap = offsets[1] - first if k > 1 else n
-        if gap >= n and all(b - a == gap for a, b in zip(offsets, offsets[1:])):
-            return source.as_strided((k, n), (gap, 1), source.storage_offset() + first)
-        starts = tuple(o - first for o in offsets)
-        at = self._index_of(("rows", n, starts, source.device),
-                            lambda: (torch.tensor(starts).unsqueeze(1) + torch.arange(n)).reshape(-1).to(source.device))
-        return torch.index_select(source[first:], 0, at).view(k, n)
-
-    def _index_of(self, key: tuple[Any, ...], build: Callable[[], Tensor]) -> Tensor:
-        """An index tensor on the device, built once per ``key`` (a step's calls come in the
-        same order at every step, so it is not sent again); at most 64 are kept."""
-        if key not in self._indices:
-            if len(self._indices) >= 64:  # layouts that keep changing: do not keep them all
-                self._indices.clear()
-            self._indices[key] = build()
-        return self._indices[key]
+    def _kind_of_output(self, index: int) -> stats.Nonlinearity | None:
+        """Layer ``index``'s nonlinearity when it is one of the output (:class:`covshift.whole.WholePlan`)."""
+        kind = self._by_index[index].kind
+        return kind if kind is not None and not kind.of_input else None
 
     def _new_record(self) -> StepRecord:
         return StepRecord(self._step, detail=self._step % self.detail_every == 0)
