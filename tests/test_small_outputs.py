@@ -160,3 +160,33 @@ def test_norms_with_a_plan_stack_small_tensors_of_one_shape_and_match_float64(dt
 def test_a_norm_plan_stacks_nothing_off_the_cpu():
     meta = [torch.empty(8, 8, device="meta") for _ in range(6)]
     assert stats.NormPlan.of(meta).stacks == ()
+
+
+def test_the_plan_of_whole_outputs_is_made_once_per_layout_and_follows_changes(tmp_path, monkeypatch):
+    """The groups of a step's outputs kept whole are planned once while the step's calls stay
+    the same, and planned again when they change (a step with two forward passes, then one
+    again); every step's mean and saturation still match its own outputs."""
+    from covshift.whole import WholePlan
+
+    plans: list[int] = []
+    real_plan = WholePlan._plan
+    monkeypatch.setattr(WholePlan, "_plan", lambda self, calls: plans.append(len(calls)) or real_plan(self, calls))
+    net = _net(uneven=True)
+    outs: dict[tuple[int, str], list[torch.Tensor]] = {}
+    passes = [1, 1, 1, 2, 2, 1, 1]
+    with covshift.Tracer(net, tmp_path / "t.covshift", sample_size=1024) as tracer:
+        for step, count in enumerate(passes):
+            handles = [m.register_forward_hook(lambda m, a, o, n=n, s=step: outs.setdefault((s, n), []).append(
+                o.detach().double())) for n, m in net.named_children()]
+            loss = sum(net(torch.randn(16, 5)).square().mean() for _ in range(count))
+            loss.backward()
+            tracer.step(loss)
+            for h in handles:
+                h.remove()
+    assert plans == [7, 14, 7]  # seven calls, fourteen with two passes, seven again
+    tab = covshift.load(tmp_path / "t.covshift").scalars().set_index(["step", "layer", "metric"])["value"]
+    for step in range(len(passes)):
+        y = torch.cat([o.reshape(-1) for o in outs[(step, "0")]])  # the calls of a step pooled
+        assert tab[(step, "0", "mean")] == pytest.approx(float(y.mean()), rel=1e-6)
+        d = torch.cat([(4 * o * (1 - o)).reshape(-1) for o in outs[(step, "1")]])
+        assert tab[(step, "1", "saturation")] == pytest.approx(float((d.abs() < 0.1).double().mean()), abs=1e-7)
