@@ -15,7 +15,13 @@ hooked layers, batch 32).
     python benchmarks/overhead.py                 # CPU, mlp and cnn
     python benchmarks/overhead.py --models deep --threads 1 --rounds 20 --block 20
     python benchmarks/overhead.py --device cuda   # where a GPU is available
-    python benchmarks/overhead.py --models mlp,deep --threads 1 --floor   # and the bare hooks' cost
+    python benchmarks/overhead.py --models mlp,deep --threads 1 --breakdown   # where the time goes
+
+``--breakdown`` splits ``traced/plain - 1`` into PyTorch's hook machinery (the floor: bare
+hooks on the same layers of a third copy, interleaved), covshift's work inside the hooks
+(the rest), ``tracer.step()`` at the steps that do not flush (the step's end: statistics
+of the outputs kept whole, parameter norms) and the flush, amortised over ``flush_every``
+steps. Times of ``step()`` are host times: on a GPU they do not wait for the device.
 """
 
 from __future__ import annotations
@@ -136,8 +142,24 @@ class Floor:
             handle.remove()
 
 
+class StepTimer:
+    """A tracer whose :meth:`step` calls are timed: those that flush (every ``flush_every``
+    recorded steps; nothing else flushes here) apart from the others."""
+
+    def __init__(self, tracer: covshift.Tracer) -> None:
+        self.tracer = tracer
+        self.ends: list[float] = []  # seconds of each step() that did not flush
+        self.flushes: list[float] = []  # ... and of each that did
+
+    def step(self, loss: torch.Tensor) -> None:
+        start = time.perf_counter()
+        index = self.tracer.step(loss=loss)
+        took = time.perf_counter() - start
+        (self.flushes if (index + 1) % self.tracer.flush_every == 0 else self.ends).append(took)
+
+
 def measure(name: str, build, device: torch.device, rounds: int, block: int, folder: Path,
-            target: float, floor: bool = False) -> float:
+            target: float, breakdown: bool = False) -> float:
     torch.manual_seed(0)
     plain, shape = build()
     traced, bare = copy.deepcopy(plain), copy.deepcopy(plain)
@@ -152,13 +174,15 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
 
     ratios, floors, plain_times = [], [], []
     with covshift.Tracer(traced, folder / f"{name}.covshift", optimizer=opts[id(traced)]) as tracer:
-        run(plain, None), run(traced, tracer)  # warm up (the tracer finds its layers in the first step)
-        hooks = Floor(bare, tracer.layers) if floor else None
+        timer = StepTimer(tracer)
+        run(plain, None), run(traced, timer)  # warm up (the tracer finds its layers in the first step)
+        hooks = Floor(bare, tracer.layers) if breakdown else None
         if hooks is not None:
             run(bare, hooks)
+        timer.ends.clear(), timer.flushes.clear()
         for _ in range(rounds):
             t_plain = run(plain, None)
-            t_traced = run(traced, tracer)
+            t_traced = run(traced, timer)
             if hooks is not None:
                 floors.append(run(bare, hooks) / t_plain)
             ratios.append(t_traced / t_plain)
@@ -168,16 +192,26 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
         hooks.close()
     ratio = statistics.median(ratios)
     plain_step = statistics.median(plain_times)
-    per_layer = (ratio - 1.0) * plain_step / layers * 1e6
+
+    def per_layer(share: float) -> str:  # a share of the plain step as µs per layer and step
+        return f"{share * plain_step / layers * 1e6:.0f} µs"
+
     print(f"{name:5s} {device.type}: plain {plain_step * 1e3:7.2f} ms/step, "
           f"traced/plain {ratio:.3f}{' ✗' if ratio > target else ''} (target ≤ {target:.2f}; rounds "
-          f"{min(ratios):.3f}..{max(ratios):.3f}), {layers} layers, {per_layer:.0f} µs per layer and step",
+          f"{min(ratios):.3f}..{max(ratios):.3f}), {layers} layers, {per_layer(ratio - 1.0)} per layer and step",
           flush=True)
     if floors:
-        bound = statistics.median(floors)
+        machinery = statistics.median(floors) - 1.0
+        step_end = statistics.median(timer.ends) if timer.ends else 0.0
+        end = step_end / plain_step
+        flush = max(statistics.mean(timer.flushes) - step_end, 0.0) / tracer.flush_every / plain_step \
+            if timer.flushes else 0.0
+        work = ratio - 1.0 - machinery - end - flush
         print(f"{'':5s} floor (hooks that copy each output's sample and hook its gradient, no statistics): "
-              f"{bound:.3f} of plain, {(bound - 1.0) * plain_step / layers * 1e6:.0f} µs per layer and step",
-              flush=True)
+              f"{1.0 + machinery:.3f} of plain, {per_layer(machinery)} per layer and step", flush=True)
+        print(f"{'':5s} traced/plain - 1 = {ratio - 1.0:.3f}: PyTorch's hooks {machinery:.3f} ({per_layer(machinery)}), "
+              f"covshift in the hooks {work:.3f} ({per_layer(work)}), step() {end:.3f} ({per_layer(end)}), "
+              f"flush {flush:.3f} ({per_layer(flush)}) per layer and step", flush=True)
     return ratio
 
 
@@ -207,15 +241,16 @@ def parse_steps(parser: argparse.ArgumentParser, models: list[str]) -> tuple[arg
 def main() -> None:
     parser = step_parser(__doc__, list(TARGETS), rounds=15, block=50)
     parser.add_argument("--channels", type=int, default=32, help="channels of the CNN's conv layers")
-    parser.add_argument("--floor", action="store_true",
-                        help="also time bare hooks on the same layers (a copy of each output's sample, an empty "
-                             "gradient hook): the cost of PyTorch's hook machinery that any per-layer tracer pays")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="split the overhead: time bare hooks on the same layers (a copy of each output's sample, "
+                             "an empty gradient hook: PyTorch's hook machinery, which any per-layer tracer pays), "
+                             "and each tracer.step() (the step's end, and the flush every flush_every steps)")
     args, device = parse_steps(parser, list(TARGETS))
     with tempfile.TemporaryDirectory() as folder:
         for name in args.models.split(","):
             build = {"mlp": mlp, "cnn": partial(cnn, args.channels), "cnn8": cnn8, "deep": deep}[name]
             measure(f"{name}{args.channels if name == 'cnn' else ''}", build, device, args.rounds, args.block,
-                    Path(folder), TARGETS[name], args.floor)
+                    Path(folder), TARGETS[name], args.breakdown)
 
 
 if __name__ == "__main__":

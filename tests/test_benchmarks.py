@@ -22,9 +22,10 @@ def run(script: str, *args: str) -> str:
 
 
 def test_overhead_prints_the_ratio_and_the_cost_per_layer() -> None:
-    out = run("overhead.py", "--models", "mlp", "--threads", "1", "--rounds", "1", "--block", "2", "--floor")
+    out = run("overhead.py", "--models", "mlp", "--threads", "1", "--rounds", "1", "--block", "2", "--breakdown")
     assert "traced/plain" in out and "µs per layer and step" in out
     assert "floor (hooks that copy" in out
+    assert "PyTorch's hooks" in out and "covshift in the hooks" in out and "step()" in out and "flush" in out
 
 
 def test_distributed_times_the_collectives_on_every_rank() -> None:
