@@ -94,7 +94,14 @@ def _elu(alpha: float) -> Callable[[Tensor], Tensor]:
 
 
 def _window(low: float, high: float) -> Callable[[Tensor], Tensor]:
-    return lambda y: ((y > low) & (y < high)).to(y.dtype)
+    """1 inside the open interval ``(low, high)``, else 0 (NaN: 0), in ``y``'s dtype;
+    compared into float tensors, three times as fast as into bool ones on the CPU."""
+
+    def inside(y: Tensor) -> Tensor:
+        above = torch.gt(y, low, out=torch.empty_like(y))
+        return above.mul_(torch.lt(y, high, out=torch.empty_like(y)))
+
+    return inside
 
 
 def _gelu_tanh_prime(x: Tensor) -> Tensor:
@@ -242,8 +249,12 @@ def row_derivative_stats(rows: Tensor, kind: Nonlinearity) -> Tensor:
     outputs of one size and nonlinearity at once (:func:`derivative_stats` is the flush's,
     on the host, its gain averaged in float64)."""
     deriv = kind.derivative(rows)
-    # the count (int64) is promoted to the derivative's dtype by the stack: one division for both
-    return torch.stack([(deriv.abs() < SATURATION_THRESHOLD).sum(1), deriv.sum(1)], dim=1) / rows.shape[1]
+    gain = deriv.sum(1)
+    # 1.0 where saturated: a comparison into a float tensor is three times as fast as into a
+    # bool one on the CPU, and summing it is exact (to 2**24 values a row)
+    flags = torch.abs(deriv)
+    torch.lt(flags, SATURATION_THRESHOLD, out=flags)
+    return torch.stack([flags.sum(1), gain], dim=1) / rows.shape[1]
 
 
 def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | None = None) -> Tensor:

@@ -190,3 +190,21 @@ def test_the_plan_of_whole_outputs_is_made_once_per_layout_and_follows_changes(t
         assert tab[(step, "0", "mean")] == pytest.approx(float(y.mean()), rel=1e-6)
         d = torch.cat([(4 * o * (1 - o)).reshape(-1) for o in outs[(step, "1")]])
         assert tab[(step, "1", "saturation")] == pytest.approx(float((d.abs() < 0.1).double().mean()), abs=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_window_derivatives_and_saturation_counts_at_the_edges(dtype):
+    """The ReLU-family windows are 1 strictly inside their interval and 0 at its ends, outside,
+    and on NaN and infinities; a saturation count takes |g| < 0.1 strictly and leaves NaN out."""
+    y = torch.tensor([-1.0, 0.0, 0.5, 6.0, 7.0, float("nan"), float("inf"), -float("inf")], dtype=dtype)
+    relu, relu6 = stats.BEHAVIOURS["relu"][1], stats.BEHAVIOURS["relu6"][1]
+    assert relu.derivative(y).dtype == dtype
+    assert relu.derivative(y).tolist() == [0, 0, 1, 1, 1, 0, 0, 0]
+    assert relu6.derivative(y).tolist() == [0, 0, 1, 0, 0, 0, 0, 0]
+    identity = stats.Nonlinearity("identity", lambda t: t.clone())
+    rows = torch.tensor([[0.1, 0.0999, -0.05, float("nan")], [0.2, -0.1, -0.0999, 1.0]], dtype=dtype)
+    got = stats.row_derivative_stats(rows, identity).double().numpy()
+    g = rows.double().numpy()
+    np.testing.assert_array_equal(got[:, 0], (np.abs(g) < 0.1).sum(axis=1) / 4)
+    assert got[0, 0] == 0.5 and got[1, 0] == 0.25 and np.isnan(got[0, 1])
+    assert got[1, 1] == pytest.approx(g[1].mean(), rel=1e-6)
