@@ -195,6 +195,12 @@ def flat_float(x: Tensor) -> Tensor:
     return x.reshape(-1)
 
 
+#: Above this many values :func:`moments` takes the minimum and the maximum in two
+#: reductions: on the CPU ``torch.aminmax`` is a fifth slower than both on 2M values, and
+#: faster on a few thousand.
+MINMAX_APART = 1 << 16
+
+
 def moments(flat: Tensor, shift: Tensor | None, scratch: Tensor | None = None, out: Tensor | None = None,
             scale: float = 1.0) -> Tensor:
     """``[shift, S1, S2, min, max]`` of a non-empty 1-D tensor, with ``c = scale * shift``,
@@ -218,7 +224,10 @@ def moments(flat: Tensor, shift: Tensor | None, scratch: Tensor | None = None, o
     if shift is not first:
         first.copy_(shift)
     d = torch.add(flat, shift, alpha=-scale, out=scratch) if scratch is not None else torch.add(flat, shift, alpha=-scale)
-    torch.aminmax(flat, out=(lo, hi))
+    if flat.numel() > MINMAX_APART:
+        torch.amin(flat, 0, out=lo), torch.amax(flat, 0, out=hi)
+    else:
+        torch.aminmax(flat, out=(lo, hi))
     torch.sum(d, 0, out=s1)
     # d is scratch or a fresh tensor, so it may be squared in place. A float32 torch.dot
     # accumulates sequentially and loses ~1e-3 of S2 on 2M elements; sum() is pairwise.
@@ -481,7 +490,8 @@ def unit_sums(x: Tensor) -> Tensor:
     shape = [1, -1] + [1] * (x.dim() - 2)
     d = x - c.view(shape)
     dims = _unit_dims(x)
-    return torch.stack([c, d.sum(dims), (d * d).sum(dims)])
+    s1 = d.sum(dims)
+    return torch.stack([c, s1, d.mul_(d).sum(dims)])  # squared in place: one output-sized allocation, not two
 
 
 def unit_max(x: Tensor) -> Tensor:
