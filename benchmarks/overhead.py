@@ -110,7 +110,7 @@ def time_block(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim
     return time.perf_counter() - start
 
 
-def _ignore(grad: torch.Tensor) -> None:
+def _ignore(grad: object) -> None:
     return None
 
 
@@ -118,7 +118,8 @@ class Floor:
     """The least a tracer that hooks every layer does, without any statistic or file: a
     forward hook on each of ``layers`` copying the output's first ``sample_size`` values into
     a preallocated buffer (covshift's sample is as large), and a gradient hook on the output
-    that does nothing. Its cost is PyTorch's hook machinery and one small copy."""
+    (a pre-hook of the node that made it) that does nothing. Its cost is PyTorch's hook
+    machinery and one small copy."""
 
     def __init__(self, model: nn.Module, layers: list[str], sample_size: int = 4096) -> None:
         modules = dict(model.named_modules())
@@ -132,7 +133,11 @@ class Floor:
         if self.buffer.numel() < flat.numel() or self.buffer.device != flat.device:
             self.buffer = torch.empty_like(flat)
         self.buffer[: flat.numel()].copy_(flat)
-        output.register_hook(_ignore)
+        node = output.grad_fn  # a pre-hook of the node that made the output: the cheapest gradient hook
+        if node is not None:
+            node.register_prehook(_ignore)
+        else:
+            output.register_hook(_ignore)
 
     def step(self, loss: torch.Tensor) -> None:
         return None

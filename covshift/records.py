@@ -100,9 +100,11 @@ class Staging(Arena):
         self.with_parts = parts
         self.parts: dict[int, list[tuple[int, Tensor]]] = {}  # buffer -> (offset, tensor) handed out compiled
 
-    def take(self, n: int, like: Tensor) -> tuple[int, int, Tensor]:
+    def take(self, n: int, like: Tensor, compiling: bool | None = None) -> tuple[int, int, Tensor]:
+        """:meth:`Arena.take`; ``compiling`` says whether a graph is being compiled (None: ask
+        torch; a hook that knows it already spares the question)."""
         index, offset, view = super().take(n, like)
-        if self.with_parts and torch.compiler.is_compiling():
+        if self.with_parts and (torch.compiler.is_compiling() if compiling is None else compiling):
             view = torch.empty_like(view)
             self.parts.setdefault(index, []).append((offset, view))
         return index, offset, view

@@ -45,6 +45,13 @@ def _scalar(value: Tensor | float) -> Tensor:
     return torch.tensor([float(value)], dtype=torch.float64)
 
 
+def _output_grad(nr: int, hook: Callable[[Tensor], None], grads: tuple[Tensor | None, ...]) -> None:
+    """A node's pre-hook that calls ``hook`` with the gradient of its output ``nr`` (when it has one)."""
+    grad = grads[nr]
+    if grad is not None:
+        hook(grad)
+
+
 class Tracer:
     """Records per-layer statistics of ``model`` at every step into a trace file.
 
@@ -299,13 +306,13 @@ class Tracer:
         return (self._closed or self._paused or not self._recording or not torch.is_grad_enabled()
                 or not (self.model.training or self.include_eval))
 
-    def _sample(self, flat: Tensor) -> tuple[int, int, Tensor]:
+    def _sample(self, flat: Tensor, compiling: bool) -> tuple[int, int, Tensor]:
         """Write the sample of ``flat`` into the staging: ``(buffer, offset, view)``."""
         n = flat.numel()
         # compiled: drawn outside the graph, which holds no Generator
-        draw = stats.fixed_sample_indices if torch.compiler.is_compiling() else stats.drawn_sample_indices
+        draw = stats.fixed_sample_indices if compiling else stats.drawn_sample_indices
         idx = draw(n, self.sample_size, flat.device)
-        buffer, offset, view = self._staging.take(idx.numel(), flat)
+        buffer, offset, view = self._staging.take(idx.numel(), flat, compiling)
         stats.take_sample(flat, idx, out=view)
         return buffer, offset, view
 
@@ -313,7 +320,7 @@ class Tracer:
         x = first_tensor(args)
         layer.input_sample = None
         if not self._skips() and x is not None and x.numel():
-            buffer, offset, view = self._sample(stats.flat_float(x))
+            buffer, offset, view = self._sample(stats.flat_float(x), torch.compiler.is_compiling())
             layer.input_sample = (buffer, offset, view.numel())
 
     def _on_container(self, name: str, children: list[nn.Module], module: nn.Module, args: Any, output: Any) -> None:
@@ -343,15 +350,16 @@ class Tracer:
         rec = self._current
         call = len(rec.calls)
         flat = stats.flat_float(y)
-        buffer, offset, sample = self._sample(flat)
+        buffer, offset, sample = self._sample(flat, compiling)
         if x_sample is not None and x_sample[2] == sample.numel():
             rec.inputs[call] = x_sample[:2]
         if sample.numel() == flat.numel():  # kept whole: step() computes the moments of all such outputs
             at_buffer, at = -1, 0
         else:
-            at_buffer, at, row = self._staging.take(5, flat)
+            at_buffer, at, row = self._staging.take(5, flat, compiling)
             torch.sum(sample, 0, out=row[0])  # the shift is the sample's mean, this sum / its length
-            stats.moments(flat, None, self._scratch_for(flat), out=row, scale=1.0 / sample.numel())
+            stats.moments(flat, None, None if compiling else self._scratch_for(flat), out=row,
+                          scale=1.0 / sample.numel())
         rec.calls.append((layer.index, flat.numel(), buffer, offset, sample.numel(), at_buffer, at))
         if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
             rec.maxima[call] = stats.unit_max(y)
@@ -361,7 +369,12 @@ class Tracer:
         if y.requires_grad:
             if at_buffer < 0 and not compiling:  # small: the step's end sums it
                 grad_buffer, grad_at = self._grad_staging.claim(1, flat)
-                y.register_hook(partial(self._hold_grad, grad_buffer, grad_at))
+                hold = partial(self._hold_grad, grad_buffer, grad_at)
+                node = y.grad_fn
+                if node is None:  # a leaf
+                    y.register_hook(hold)
+                else:  # a pre-hook of the node that made y: half the Python of Tensor.register_hook
+                    node.register_prehook(partial(_output_grad, y.output_nr, hold))
             else:
                 grad_buffer, grad_at, cell = self._grad_staging.take(1, flat)
                 y.register_hook(partial(self._on_grad, cell))

@@ -208,3 +208,32 @@ def test_window_derivatives_and_saturation_counts_at_the_edges(dtype):
     np.testing.assert_array_equal(got[:, 0], (np.abs(g) < 0.1).sum(axis=1) / 4)
     assert got[0, 0] == 0.5 and got[1, 0] == 0.25 and np.isnan(got[0, 1])
     assert got[1, 1] == pytest.approx(g[1].mean(), rel=1e-6)
+
+
+def test_gradients_of_whole_outputs_modified_in_place_and_of_leaf_outputs(tmp_path):
+    """The gradient of an output kept whole is held by a pre-hook of the node that made it: a
+    ReLU(inplace=True) applied to it afterwards does not change which gradient is summed (that
+    of the Linear's output, as a reference computed out of place gives), and an output that
+    is a leaf (no node) is still hooked."""
+
+    class Leaf(nn.Module):  # returns its own parameter: an output with no grad_fn
+        def __init__(self) -> None:
+            super().__init__()
+            self.value = nn.Parameter(torch.randn(4, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.value
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.ReLU(inplace=True), nn.Linear(8, 3))
+    leaf = Leaf()
+    x = torch.randn(4, 5)
+    y0 = net[0](x)  # the reference, out of place
+    ref = torch.autograd.grad(net[2](torch.relu(y0) * leaf.value).sum(), [y0, leaf.value])
+    with covshift.Tracer(nn.ModuleDict({"net": net, "leaf": leaf}), tmp_path / "t.covshift",
+                         layers=["net.0", "net.2", "leaf"]) as tracer:
+        (net[2](net[1](net[0](x)) * leaf(x))).sum().backward()
+        tracer.step()
+    tab = covshift.load(tmp_path / "t.covshift").scalars().set_index(["layer", "metric"])["value"]
+    assert tab[("net.0", "grad_norm")] == pytest.approx(float(ref[0].norm()), rel=1e-6)
+    assert tab[("leaf", "grad_norm")] == pytest.approx(float(ref[1].norm()), rel=1e-6)
