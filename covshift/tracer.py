@@ -369,15 +369,15 @@ class Tracer:
         if y.requires_grad:
             if at_buffer < 0 and not compiling:  # small: the step's end sums it
                 grad_buffer, grad_at = self._grad_staging.claim(1, flat)
-                hold = partial(self._hold_grad, grad_buffer, grad_at)
-                node = y.grad_fn
-                if node is None:  # a leaf
-                    y.register_hook(hold)
-                else:  # a pre-hook of the node that made y: half the Python of Tensor.register_hook
-                    node.register_prehook(partial(_output_grad, y.output_nr, hold))
+                hook = partial(self._hold_grad, grad_buffer, grad_at)
             else:
-                grad_buffer, grad_at, cell = self._grad_staging.take(1, flat)
-                y.register_hook(partial(self._on_grad, cell))
+                grad_buffer, grad_at, cell = self._grad_staging.take(1, flat, compiling)
+                hook = partial(self._on_grad, cell)
+            node = None if compiling else y.grad_fn
+            if node is None:  # a leaf, or a graph being compiled
+                y.register_hook(hook)
+            else:  # a pre-hook of the node that made y: half the Python of Tensor.register_hook
+                node.register_prehook(partial(_output_grad, y.output_nr, hook))
             rec.grads.append((layer.index, flat.numel(), grad_buffer, grad_at))
 
     def _scratch_for(self, flat: Tensor) -> Tensor | None:
