@@ -159,6 +159,9 @@ class Ranks:
 
         if self.failed is None and dist.is_initialized():
             dist.destroy_process_group(self.group)
+        # let the group go now, not with the Tracer: a gloo group freed during the
+        # interpreter's exit aborts the process ("terminate called without an active exception")
+        self.group = None
 
     def part(self, calls: Calls, sample_size: int, whole: np.ndarray, detail: set[int]) -> Calls:
         """``calls`` with each sample (and input sample) cut to a uniform random part of it,

@@ -158,7 +158,7 @@ class Tracer:
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
         self._norm_plans: dict[tuple[tuple[int, ...], int, bool], stats.NormPlan] = {}  # by layout, see _record_params
         self._indices = DeviceIndices()
-        self._whole = WholePlan(self._kind_of_output, self._indices)
+        self._whole = WholePlan(self._indices)
         self._held: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # (buffer, shape, dtype) -> (cell, gradient)
         self._arena = Arena()
         # the step in progress, moved into the arena by step(); room for one call per layer
@@ -447,7 +447,7 @@ class Tracer:
         self._write_held()
         rec.places = self._staging.move(self._arena)
         rec.grad_places = self._grad_staging.move(self._arena)
-        self._whole.compute(rec, self._arena)
+        self._whole.compute(rec, self._arena, self._kind_of_output)
         if not rec.detail:
             rec.units.clear()
         for index, *_ in rec.calls:

@@ -68,20 +68,22 @@ class WholePlan:
     """Where a step's outputs kept whole lie, by size, and which rows take derivative
     statistics; :meth:`compute` puts their statistics into the step's record.
 
-    ``kind_of(i)`` is the nonlinearity of layer ``i``'s output (None for other layers, and
-    for one of the input: its saturation is taken from the input's sample at the flush)."""
+    ``kind_of(i)``, given to :meth:`compute` (not kept: a tracer's bound method kept here would
+    make a reference cycle), is the nonlinearity of layer ``i``'s output (None for other
+    layers, and for one of the input: its saturation is taken from the input's sample at the
+    flush)."""
 
-    def __init__(self, kind_of: Callable[[int], stats.Nonlinearity | None], indices: DeviceIndices) -> None:
-        self.kind_of, self.indices = kind_of, indices
+    def __init__(self, indices: DeviceIndices) -> None:
+        self.indices = indices
         self.calls: list[tuple[int, ...]] | None = None  # the calls the groups were made for
         self.groups: list[_Group] = []
 
-    def compute(self, rec: StepRecord, arena: Arena) -> None:
+    def compute(self, rec: StepRecord, arena: Arena, kind_of: Callable[[int], stats.Nonlinearity | None]) -> None:
         """The moments (and saturation and gain) of ``rec``'s outputs kept whole, from their
         copies in ``arena`` (``rec.places`` says where the staging went), into ``rec.whole``
         and ``rec.derived``."""
         if rec.calls != self.calls:
-            self._plan(rec.calls)
+            self._plan(rec.calls, kind_of)
         for group in self.groups:
             arena_buffer, base = rec.places[group.buffer]
             source = arena.buffers[arena_buffer]
@@ -105,7 +107,7 @@ class WholePlan:
             torch.tensor(group.starts).unsqueeze(1) + torch.arange(n)).reshape(-1).to(source.device))
         return torch.index_select(source[start:], 0, at).view(k, n)
 
-    def _plan(self, calls: list[tuple[int, ...]]) -> None:
+    def _plan(self, calls: list[tuple[int, ...]], kind_of: Callable[[int], stats.Nonlinearity | None]) -> None:
         found: dict[tuple[int, int], list[tuple[int, int]]] = {}
         for call, (index, n, buffer, offset, _, at_buffer, _) in enumerate(calls):
             if at_buffer < 0:
@@ -117,7 +119,7 @@ class WholePlan:
             starts = () if gap else tuple(o - first for o in offsets)
             by_kind: dict[int, tuple[stats.Nonlinearity, list[int]]] = {}
             for row, (call, _) in enumerate(members):
-                kind = self.kind_of(calls[call][0])
+                kind = kind_of(calls[call][0])
                 if kind is not None:
                     by_kind.setdefault(id(kind), (kind, []))[1].append(row)
             kinds = [(kind, _pick(rows, len(members)), [members[r][0] for r in rows])

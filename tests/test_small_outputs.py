@@ -170,7 +170,8 @@ def test_the_plan_of_whole_outputs_is_made_once_per_layout_and_follows_changes(t
 
     plans: list[int] = []
     real_plan = WholePlan._plan
-    monkeypatch.setattr(WholePlan, "_plan", lambda self, calls: plans.append(len(calls)) or real_plan(self, calls))
+    monkeypatch.setattr(WholePlan, "_plan", lambda self, calls, kind_of: plans.append(len(calls))
+                        or real_plan(self, calls, kind_of))
     net = _net(uneven=True)
     outs: dict[tuple[int, str], list[torch.Tensor]] = {}
     passes = [1, 1, 1, 2, 2, 1, 1]

@@ -1188,3 +1188,27 @@ def test_paused_forwards_are_not_recorded_and_log_takes_layers(tmp_path):
     reference = model[0](x).detach().double().numpy()
     assert row[("0", "max")] == pytest.approx(reference.max(), rel=1e-6)
     assert row[("0", "probe_metric")] == 2.5 and row[("", "extra")] == 1.0
+
+
+def test_a_closed_tracer_is_freed_without_the_cycle_collector(tmp_path):
+    """No reference cycle keeps a closed Tracer alive (and with it, under torch.distributed,
+    a gloo group that would be freed during the interpreter's exit and abort it)."""
+    import gc
+    import weakref
+
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    gc.disable()
+    try:
+        tracer = covshift.Tracer(net, tmp_path / "t.covshift", optimizer=opt)
+        with tracer:
+            for _ in range(3):
+                opt.zero_grad()
+                net(torch.randn(5, 4)).square().mean().backward()
+                opt.step()
+                tracer.step()
+        ref = weakref.ref(tracer)
+        del tracer
+        assert ref() is None
+    finally:
+        gc.enable()
