@@ -37,9 +37,6 @@ class DeviceIndices:
             self.kept[key] = build()
         return self.kept[key]
 
-    def clear(self) -> None:
-        self.kept.clear()
-
 
 @dataclass
 class _Group:
