@@ -238,7 +238,7 @@ def moments(flat: Tensor, shift: Tensor | None, scratch: Tensor | None = None, o
 def row_moments(rows: Tensor) -> Tensor:
     """The rows ``[sum, S1, S2, min, max]`` of :func:`moments` for each row of a 2-D tensor,
     shifted by the row's mean ``sum / n`` (shape ``(rows, 5)``, the rows' dtype): the
-    moments of the outputs the tracer keeps whole (at most ``sample_size`` values),
+    moments of the outputs the tracer keeps whole (at most twice ``sample_size`` values),
     computed for all of a step's outputs of one size at once, where per output they would
     cost five kernels. The sums are pairwise, as in :func:`moments`.
 

@@ -25,6 +25,12 @@ from .whole import DeviceIndices, WholePlan
 __all__ = ["ROOT", "Tracer", "first_tensor", "select_layers"]
 
 
+#: Outputs of up to this many times ``sample_size`` values are kept whole: copying one
+#: costs less than sampling it and taking its moments in the hook, and its statistics are
+#: then exact (``benchmarks/overhead.py``, the mlp's 6400-value outputs).
+WHOLE_UP_TO = 2
+
+
 @dataclass
 class _Layer:
     name: str
@@ -162,7 +168,7 @@ class Tracer:
         self._held: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # (buffer, shape, dtype) -> (cell, gradient)
         self._arena = Arena()
         # the step in progress, moved into the arena by step(); room for one call per layer
-        room = sum(sample_size * (1 + bool(x.kind and x.kind.of_input)) + 5 for x in self._layers.values())
+        room = sum(WHOLE_UP_TO * sample_size * (1 + bool(x.kind and x.kind.of_input)) + 5 for x in self._layers.values())
         self._staging = Staging(max(room, 1 << 12), parts=True)
         self._grad_staging = Staging(max(len(self._layers), 64), fill=UNSET)
 
@@ -311,7 +317,7 @@ class Tracer:
         n = flat.numel()
         # compiled: drawn outside the graph, which holds no Generator
         draw = stats.fixed_sample_indices if compiling else stats.drawn_sample_indices
-        idx = draw(n, self.sample_size, flat.device)
+        idx = draw(n, n if n <= WHOLE_UP_TO * self.sample_size else self.sample_size, flat.device)
         buffer, offset, view = self._staging.take(idx.numel(), flat, compiling)
         stats.take_sample(flat, idx, out=view)
         return buffer, offset, view
@@ -469,7 +475,7 @@ class Tracer:
         which :meth:`_snapshot` renews before it is used again)."""
         grads = [p.grad for p in self._params]
         have = [i for i, g in enumerate(grads) if g is not None and not g.is_sparse]
-        batch = [self._local(grads[i]) for i in have]
+        batch = [dist.local(grads[i]) for i in have] if self._sharded else [grads[i] for i in have]
         rec.grad_params = have
         params = self._tracked_locals() if self._tracked else []
         prev = self._prev if params and self._prev is not None else None
@@ -517,12 +523,11 @@ class Tracer:
         groups = getattr(self.optimizer, "param_groups", [])
         rec.lrs = [(i, rec.slots.put(_scalar(g["lr"]))) for i, g in enumerate(groups) if "lr" in g]
 
-    def _local(self, t: Tensor) -> Tensor:
-        return dist.local(t) if self._sharded else t
-
     def _tracked_locals(self) -> list[Tensor]:
         """The tracked weights, local shards of sharded ones (:func:`covshift.distributed.local`)."""
-        return [self._local(self._params[i]) for _, _, i in self._tracked]
+        if self._sharded:
+            return [dist.local(self._params[i]) for _, _, i in self._tracked]
+        return [self._params[i] for _, _, i in self._tracked]
 
     def _snapshot(self) -> None:
         """Keep the tracked weights as they are before the next optimizer step."""

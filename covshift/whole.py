@@ -1,6 +1,6 @@
 """The statistics of outputs kept whole, computed at a step's end for all of them at once.
 
-A forward hook copies an output of at most ``sample_size`` values whole into the step's
+A forward hook copies an output of at most twice ``sample_size`` values whole into the step's
 staging and computes nothing. At the step's end, :class:`WholePlan` views the step's
 copies of one size as the rows of one 2-D tensor and takes their moments
 (:func:`covshift.stats.row_moments`) in one batch, and the saturation and gain of those

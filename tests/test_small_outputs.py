@@ -1,4 +1,4 @@
-"""Outputs kept whole (at most ``sample_size`` values): their moments are computed at the
+"""Outputs kept whole (at most twice ``sample_size`` values): their moments are computed at the
 step's end for all outputs of a size at once (stats.row_moments), and their gradients
 summed there too (stats.stacked_sums_of_squares), with no per-layer moment or gradient
 kernel in the hooks."""
@@ -122,6 +122,45 @@ def test_small_outputs_cost_no_moment_or_gradient_kernel_and_are_exact(tmp_path,
         assert tab[(step, "1", "gain")] == pytest.approx(float(d.mean()), rel=1e-6)
     saturated = outs["1"][0]
     assert float(saturated.mean()) > 0.99 and float(saturated.std()) < 1e-2  # the hard case for a variance
+
+
+@pytest.mark.parametrize("width, whole", [(64, True), (128, True), (129, False)])
+def test_outputs_of_up_to_twice_the_sample_size_are_kept_whole(tmp_path, monkeypatch, width, whole):
+    """With ``sample_size`` 1024 and batch 16, a sigmoid's output of 1024 or 2048 values is
+    kept whole (no moment kernel in the hook; its saturation is that of all its values,
+    taken at the step), one of 2064 values is sampled (moments in the hook, saturation from
+    a 1024-value sample at the flush); the mean and variance are exact either way."""
+    from covshift.tracer import WHOLE_UP_TO
+
+    assert WHOLE_UP_TO == 2
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, width), nn.Sigmoid(), nn.Linear(width, 1))
+    with torch.no_grad():
+        net[0].bias.fill_(3.0)  # about a third of the values saturate (|g| < 0.1)
+    calls, widths = [0], []
+    real_moments, real_derivative_stats = stats.moments, stats.derivative_stats
+    monkeypatch.setattr(stats, "moments", lambda *a, **k: calls.__setitem__(0, calls[0] + 1) or real_moments(*a, **k))
+    monkeypatch.setattr(stats, "derivative_stats", lambda source, kind: widths.append(source.shape[1])
+                        or real_derivative_stats(source, kind))
+    outs: list[torch.Tensor] = []
+    net[1].register_forward_hook(lambda m, a, o: outs.append(o.detach().double()))
+    with covshift.Tracer(net, tmp_path / "t.covshift", sample_size=1024) as tracer:
+        for _ in range(2):
+            loss = net(torch.randn(16, 5)).square().mean()
+            loss.backward()
+            tracer.step(loss)
+    assert calls[0] == (0 if whole else 2 * 2)  # two sampled outputs (Linear and Sigmoid) a step
+    assert widths == ([] if whole else [1024])
+    tab = covshift.load(tmp_path / "t.covshift").scalars().set_index(["step", "layer", "metric"])["value"]
+    for step, y in enumerate(outs):
+        assert tab[(step, "1", "mean")] == pytest.approx(float(y.mean()), rel=1e-6)
+        assert tab[(step, "1", "var")] == pytest.approx(float(y.var(unbiased=False)), rel=1e-6)
+        exact = float(((4 * y * (1 - y)).abs() < 0.1).double().mean())
+        assert 0.05 < exact < 0.95
+        if whole:
+            assert tab[(step, "1", "saturation")] == pytest.approx(exact, abs=1e-7)
+        else:
+            assert abs(tab[(step, "1", "saturation")] - exact) < 0.1  # a sample's fraction
 
 
 def test_a_backward_after_step_does_not_break_the_next_step(tmp_path):
