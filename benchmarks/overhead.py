@@ -16,24 +16,39 @@ hooked layers, batch 32).
     python benchmarks/overhead.py --models deep --threads 1 --rounds 20 --block 20
     python benchmarks/overhead.py --device cuda   # where a GPU is available
     python benchmarks/overhead.py --models mlp,deep --threads 1 --breakdown   # where the time goes
+    python benchmarks/overhead.py --models deep --threads 1 --compare HEAD~1 --clock cpu   # a change's effect
 
 ``--breakdown`` splits ``traced/plain - 1`` into PyTorch's hook machinery (the floor: bare
 hooks on the same layers of a third copy, interleaved), covshift's work inside the hooks
 (the rest), ``tracer.step()`` at the steps that do not flush (the step's end: statistics
 of the outputs kept whole, parameter norms) and the flush, amortised over ``flush_every``
 steps. Times of ``step()`` are host times: on a GPU they do not wait for the device.
+
+``--compare REF`` traces a fourth copy with covshift as of the git commit ``REF`` (extracted
+with ``git archive`` and imported under another name), in the same rounds, and prints the
+median of this code's traced block time over REF's, with the quartiles over rounds: the
+way to see a change of a few percent. ``--clock cpu`` times blocks by the process's CPU time
+(``time.process_time``, CPU only), which other load on a shared machine disturbs less than
+wall-clock time.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib
+import io
 import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
 import torch
@@ -95,10 +110,10 @@ class Recorder(Protocol):
 
 def time_block(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
                tracer: Recorder | None, x: torch.Tensor, y: torch.Tensor, block: int,
-               device: torch.device) -> float:
-    """Seconds for ``block`` training steps on the batch ``(x, y)``, each ended by ``tracer``."""
+               device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of ``clock`` for ``block`` training steps on the batch ``(x, y)``, each ended by ``tracer``."""
     sync(device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(block):
         opt.zero_grad()
         loss = nn.functional.cross_entropy(forward(x), y)
@@ -107,7 +122,7 @@ def time_block(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim
         if tracer is not None:
             tracer.step(loss=loss)
     sync(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def _ignore(grad: object) -> None:
@@ -151,43 +166,66 @@ class StepTimer:
     """A tracer whose :meth:`step` calls are timed: those that flush (every ``flush_every``
     recorded steps; nothing else flushes here) apart from the others."""
 
-    def __init__(self, tracer: covshift.Tracer) -> None:
-        self.tracer = tracer
+    def __init__(self, tracer: covshift.Tracer, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.tracer, self.clock = tracer, clock
         self.ends: list[float] = []  # seconds of each step() that did not flush
         self.flushes: list[float] = []  # ... and of each that did
 
     def step(self, loss: torch.Tensor) -> None:
-        start = time.perf_counter()
+        start = self.clock()
         index = self.tracer.step(loss=loss)
-        took = time.perf_counter() - start
+        took = self.clock() - start
         (self.flushes if (index + 1) % self.tracer.flush_every == 0 else self.ends).append(took)
 
 
+def covshift_at(ref: str, folder: Path) -> ModuleType:
+    """The covshift package as of git commit ``ref`` of this repository, extracted into
+    ``folder`` and imported as ``covshift_at_ref`` (its imports are relative)."""
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(["git", "-C", str(root), "archive", "--format=tar", ref, "covshift"], capture_output=True)
+    if done.returncode:
+        sys.exit(f"--compare {ref}: {done.stderr.decode().strip() or 'git archive failed'}")
+    with tarfile.open(fileobj=io.BytesIO(done.stdout)) as archive:
+        archive.extractall(folder, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    (folder / "covshift").rename(folder / "covshift_at_ref")
+    sys.path.insert(0, str(folder))
+    return importlib.import_module("covshift_at_ref")
+
+
 def measure(name: str, build, device: torch.device, rounds: int, block: int, folder: Path,
-            target: float, breakdown: bool = False) -> float:
+            target: float, breakdown: bool = False, reference: tuple[str, ModuleType] | None = None,
+            clock: Callable[[], float] = time.perf_counter) -> float:
     torch.manual_seed(0)
     plain, shape = build()
-    traced, bare = copy.deepcopy(plain), copy.deepcopy(plain)
-    for model in (plain, traced, bare):
+    traced, bare, old = copy.deepcopy(plain), copy.deepcopy(plain), copy.deepcopy(plain)
+    for model in (plain, traced, bare, old):
         model.to(device)
     x = torch.randn(shape, device=device)
     y = torch.randint(0, 10, (shape[0],), device=device)
-    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (plain, traced, bare)}
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (plain, traced, bare, old)}
 
     def run(model: nn.Module, tracer: Recorder | None) -> float:
-        return time_block(model, opts[id(model)], tracer, x, y, block, device)
+        return time_block(model, opts[id(model)], tracer, x, y, block, device, clock)
 
-    ratios, floors, plain_times = [], [], []
-    with covshift.Tracer(traced, folder / f"{name}.covshift", optimizer=opts[id(traced)]) as tracer:
-        timer = StepTimer(tracer)
+    ratios, floors, plain_times, olds = [], [], [], []
+    with contextlib.ExitStack() as stack:
+        tracer = stack.enter_context(covshift.Tracer(traced, folder / f"{name}.covshift", optimizer=opts[id(traced)]))
+        then = None if reference is None else stack.enter_context(
+            reference[1].Tracer(old, folder / f"{name}-ref.covshift", optimizer=opts[id(old)]))
+        timer = StepTimer(tracer, clock)
         run(plain, None), run(traced, timer)  # warm up (the tracer finds its layers in the first step)
         hooks = Floor(bare, tracer.layers) if breakdown else None
-        if hooks is not None:
-            run(bare, hooks)
+        for model, recorder in ((bare, hooks), (old, then)):
+            if recorder is not None:
+                run(model, recorder)
         timer.ends.clear(), timer.flushes.clear()
-        for _ in range(rounds):
+        pair = [(traced, timer)] + ([] if then is None else [(old, then)])
+        for i in range(rounds):
             t_plain = run(plain, None)
-            t_traced = run(traced, timer)
+            took = {id(m): run(m, r) for m, r in (pair if i % 2 == 0 else pair[::-1])}  # each first in turn
+            t_traced = took[id(traced)]
+            if then is not None:
+                olds.append((t_traced / took[id(old)], took[id(old)] / t_plain))
             if hooks is not None:
                 floors.append(run(bare, hooks) / t_plain)
             ratios.append(t_traced / t_plain)
@@ -217,6 +255,12 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
         print(f"{'':5s} traced/plain - 1 = {ratio - 1.0:.3f}: PyTorch's hooks {machinery:.3f} ({per_layer(machinery)}), "
               f"covshift in the hooks {work:.3f} ({per_layer(work)}), step() {end:.3f} ({per_layer(end)}), "
               f"flush {flush:.3f} ({per_layer(flush)}) per layer and step", flush=True)
+    if olds and reference is not None:
+        against = [a for a, _ in olds]
+        low, _, high = statistics.quantiles(against, n=4) if len(against) > 1 else (against[0],) * 3
+        print(f"{'':5s} traced/traced at {reference[0]}: {statistics.median(against):.3f} (rounds' quartiles "
+              f"{low:.3f}..{high:.3f}); at {reference[0]} traced/plain {statistics.median([b for _, b in olds]):.3f}",
+              flush=True)
     return ratio
 
 
@@ -250,12 +294,22 @@ def main() -> None:
                         help="split the overhead: time bare hooks on the same layers (a copy of each output's sample, "
                              "an empty gradient hook: PyTorch's hook machinery, which any per-layer tracer pays), "
                              "and each tracer.step() (the step's end, and the flush every flush_every steps)")
+    parser.add_argument("--compare", metavar="REF", default=None,
+                        help="also trace with covshift as of this git commit, interleaved, and print this code's "
+                             "traced time over REF's")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="time blocks by wall-clock time or by the process's CPU time (CPU only: steadier on a "
+                             "shared machine)")
     args, device = parse_steps(parser, list(TARGETS))
+    if args.clock == "cpu" and device.type != "cpu":
+        parser.error("--clock cpu times CPU work only; use it with --device cpu")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     with tempfile.TemporaryDirectory() as folder:
+        reference = None if args.compare is None else (args.compare, covshift_at(args.compare, Path(folder) / "ref"))
         for name in args.models.split(","):
             build = {"mlp": mlp, "cnn": partial(cnn, args.channels), "cnn8": cnn8, "deep": deep}[name]
             measure(f"{name}{args.channels if name == 'cnn' else ''}", build, device, args.rounds, args.block,
-                    Path(folder), TARGETS[name], args.breakdown)
+                    Path(folder), TARGETS[name], args.breakdown, reference, clock)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import covshift
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -26,6 +28,21 @@ def test_overhead_prints_the_ratio_and_the_cost_per_layer() -> None:
     assert "traced/plain" in out and "µs per layer and step" in out
     assert "floor (hooks that copy" in out
     assert "PyTorch's hooks" in out and "covshift in the hooks" in out and "step()" in out and "flush" in out
+
+
+def _in_git() -> bool:
+    return subprocess.run(["git", "-C", str(BENCHMARKS), "rev-parse", "HEAD"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _in_git(), reason="--compare needs the git repository")
+def test_overhead_compares_with_a_git_commit_by_cpu_time() -> None:
+    out = run("overhead.py", "--models", "mlp", "--threads", "1", "--rounds", "2", "--block", "2",
+              "--compare", "HEAD", "--clock", "cpu")
+    line = next(line for line in out.splitlines() if "traced/traced at HEAD:" in line)
+    assert "quartiles" in line and "at HEAD traced/plain" in line
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "overhead.py"), "--models", "mlp", "--rounds", "1",
+                           "--compare", "no-such-ref"], capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode != 0 and "--compare no-such-ref" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_distributed_times_the_collectives_on_every_rank() -> None:
