@@ -1212,3 +1212,29 @@ def test_a_closed_tracer_is_freed_without_the_cycle_collector(tmp_path):
         assert ref() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_hooks_and_the_step_end_never_read_the_device(tmp_path, monkeypatch, every):
+    """On the meta device every read of a value (``.item()``, ``.tolist()``, ``.cpu()``,
+    ``bool(t)``) raises, so a model there trains under a Tracer only while nothing before the
+    flush synchronises with the device: outputs kept whole and sampled ones, a ReLU's dead
+    units, a detail step's per-unit sums, gradients, parameter norms and updates, the loss and
+    the learning rate. The flush, which reads the values once, is left out."""
+    net = nn.Sequential(nn.Linear(20, 300), nn.Sigmoid(), nn.Linear(300, 8), nn.ReLU(), nn.Linear(8, 3)).to("meta")
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    tracer = covshift.Tracer(net, tmp_path / "t.covshift", optimizer=opt, every=every, detail_every=2 * every,
+                             sample_size=1024)
+    monkeypatch.setattr(tracer, "_flush", lambda now: None)
+    with tracer:
+        for _ in range(5):
+            opt.zero_grad()
+            loss = F.cross_entropy(net(torch.randn(32, 20, device="meta")), torch.zeros(32, dtype=torch.long,
+                                                                                       device="meta"))
+            loss.backward()
+            opt.step()
+            tracer.step(loss)
+        pending = tracer._pending
+        assert len(pending) == 5 and sum(bool(r.calls) for r in pending) == (5 if every == 1 else 3)
+        assert any(r.units for r in pending) and any(r.maxima for r in pending)  # detail steps, ReLU
+        assert any(r.whole for r in pending) and any(c[5] >= 0 for r in pending for c in r.calls)  # both paths
