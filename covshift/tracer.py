@@ -168,7 +168,8 @@ class Tracer:
         self._held: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # (buffer, shape, dtype) -> (cell, gradient)
         self._arena = Arena()
         # the step in progress, moved into the arena by step(); room for one call per layer
-        room = sum(WHOLE_UP_TO * sample_size * (1 + bool(x.kind and x.kind.of_input)) + 5 for x in self._layers.values())
+        room = sum(WHOLE_UP_TO * sample_size * (1 + bool(x.kind and x.kind.of_input)) + 5
+                   for x in self._layers.values())
         self._staging = Staging(max(room, 1 << 12), parts=True)
         self._grad_staging = Staging(max(len(self._layers), 64), fill=UNSET)
 
