@@ -63,10 +63,6 @@ def main(path: str, mode: str, sample_size: int) -> None:
         else:
             net = nn.parallel.DistributedDataParallel(net)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
-    if mode == "compiled":
-        # one compile thread: inductor's pool of compile workers, left running at exit,
-        # sometimes aborts the process ("terminate called without an active exception")
-        torch._inductor.config.compile_threads = 1
     forward = torch.compile(net) if mode == "compiled" else net
     shard = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
     if mode == "rank0" and rank != 0:  # a Tracer on rank 0 alone, recording its shard
