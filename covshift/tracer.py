@@ -365,8 +365,7 @@ class Tracer:
         else:
             at_buffer, at, row = self._staging.take(5, flat, compiling)
             torch.sum(sample, 0, out=row[0])  # the shift is the sample's mean, this sum / its length
-            stats.moments(flat, None, None if compiling else self._scratch_for(flat), out=row,
-                          scale=1.0 / sample.numel())
+            stats.moments(flat, None, self._scratch_for(flat, compiling), out=row, scale=1.0 / sample.numel())
         rec.calls.append((layer.index, flat.numel(), buffer, offset, sample.numel(), at_buffer, at))
         if layer.kind is not None and layer.kind.relu_family and y.dim() >= 2:
             rec.maxima[call] = stats.unit_max(y)
@@ -387,11 +386,11 @@ class Tracer:
                 node.register_prehook(partial(_output_grad, y.output_nr, hook))
             rec.grads.append((layer.index, flat.numel(), grad_buffer, grad_at))
 
-    def _scratch_for(self, flat: Tensor) -> Tensor | None:
+    def _scratch_for(self, flat: Tensor, compiling: bool) -> Tensor | None:
         """A buffer for ``flat``'s shifted values: one per dtype and device, as large as the
         largest output so far, shared by every layer (hooks run one at a time, and device
-        work is ordered on the stream). None when compiling: the graph keeps them in registers."""
-        if torch.compiler.is_compiling():
+        work is ordered on the stream). None when ``compiling``: the graph keeps them in registers."""
+        if compiling:
             return None
         key = (flat.dtype, flat.device)
         buffer = self._scratch.get(key)
@@ -402,7 +401,7 @@ class Tracer:
     def _on_grad(self, cell: Tensor, grad: Tensor) -> None:
         """Write the sum of squares of an output's gradient into the cell its forward kept."""
         g = stats.flat_float(grad)
-        stats.sum_of_squares(g, self._scratch_for(g), out=cell[0])
+        stats.sum_of_squares(g, self._scratch_for(g, torch.compiler.is_compiling()), out=cell[0])
 
     def _hold_grad(self, buffer: int, at: int, grad: Tensor) -> None:
         """Keep the gradient of an output kept whole until the step's end (:meth:`_write_held`)."""
@@ -476,7 +475,7 @@ class Tracer:
         which :meth:`_snapshot` renews before it is used again)."""
         grads = [p.grad for p in self._params]
         have = [i for i, g in enumerate(grads) if g is not None and not g.is_sparse]
-        batch = [dist.local(grads[i]) for i in have] if self._sharded else [grads[i] for i in have]
+        batch = self._locals([grads[i] for i in have])
         rec.grad_params = have
         params = self._tracked_locals() if self._tracked else []
         prev = self._prev if params and self._prev is not None else None
@@ -524,11 +523,13 @@ class Tracer:
         groups = getattr(self.optimizer, "param_groups", [])
         rec.lrs = [(i, rec.slots.put(_scalar(g["lr"]))) for i, g in enumerate(groups) if "lr" in g]
 
+    def _locals(self, tensors: list[Tensor]) -> list[Tensor]:
+        """``tensors``, local shards of sharded ones (:func:`covshift.distributed.local`)."""
+        return [dist.local(t) for t in tensors] if self._sharded else tensors
+
     def _tracked_locals(self) -> list[Tensor]:
-        """The tracked weights, local shards of sharded ones (:func:`covshift.distributed.local`)."""
-        if self._sharded:
-            return [dist.local(self._params[i]) for _, _, i in self._tracked]
-        return [self._params[i] for _, _, i in self._tracked]
+        """The tracked weights, local shards of sharded ones."""
+        return self._locals([self._params[i] for _, _, i in self._tracked])
 
     def _snapshot(self) -> None:
         """Keep the tracked weights as they are before the next optimizer step."""
@@ -615,7 +616,7 @@ class Tracer:
         parameters of ``records`` made global; None on the other ranks and after a failure."""
         assert self._ranks is not None
         names = list(self._layers)
-        whole = np.array([x.kind is not None and not x.kind.of_input for x in self._layers.values()], dtype=bool)
+        whole = np.array([self._kind_of_output(x.index) is not None for x in self._by_index], dtype=bool)
         cut = self._ranks.part(calls, self.sample_size, whole, detail)
         shares = self._ranks.gather(dist.share(cut, names, records, bool(self._copies.any())))
         if shares is None:
