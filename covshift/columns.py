@@ -151,16 +151,19 @@ def _sample_summaries(calls: Calls, layers: Layers, entries: _Entries,
     # saturation and gain taken at the step (an output kept whole, a module called once)
     derived = (entries.counts == 1) & np.isfinite(calls.derived[entries.first]).all(axis=1)
     keys = np.stack([length, kind_of_layer[entries.layer], has_inputs, derived])
+    # one integer per key: np.unique along an axis costs ten times as much
+    code = ((length * len(layer_of_kind) + keys[1]) * 2 + has_inputs) * 2 + derived
+    _, key_at, which = np.unique(code, return_index=True, return_inverse=True)
     summary = np.full((len(length), len(stats.SAMPLE_FIELDS)), np.nan)
     summary[:, 5] = 0.0
     derivative = np.zeros(len(length), dtype=bool)
-    for key in np.unique(keys, axis=1).T:
+    for j, key in enumerate(keys[:, key_at].T):
         kind = layers.kinds[int(layer_of_kind[key[1]])]
         of_output = kind is not None and not kind.of_input and not key[3]
         width = int(key[0]) if of_output else min(int(key[0]), stats.PERCENTILE_VALUES)
         # rows of ``width`` values starting anywhere in the samples, as a view: indexing it copies the rows
         windows = np.lib.stride_tricks.sliding_window_view(calls.samples, width)
-        for group in _blocks(np.flatnonzero((keys == key[:, None]).all(axis=0)), width):
+        for group in _blocks(np.flatnonzero(which == j), width):
             firsts = entries.first[group]
             own = entries.counts[group] == 1  # the others have a pooled sample in ``rows``
             samples = np.empty((len(group), width), dtype=calls.samples.dtype)

@@ -11,6 +11,7 @@ with numpy. Per-step values (loss, learning rates, parameter norms) go through :
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -147,15 +148,18 @@ def _numpy(t: Tensor) -> np.ndarray:
 
 
 class Slots:
-    """Device tensors kept for a later single transfer; :meth:`put` returns a handle."""
+    """Device tensors (and numbers) kept for a later single transfer; :meth:`put` returns a handle."""
 
     def __init__(self) -> None:
-        self.tensors: list[Tensor] = []
+        self.tensors: list[Tensor | float] = []
         self.host: list[np.ndarray] = []
 
-    def put(self, t: Tensor) -> int:
-        """Keep ``t``; on the host it becomes float64."""
-        self.tensors.append(t.detach().reshape(-1))
+    def put(self, t: Tensor | float) -> int:
+        """Keep ``t``: a tensor that does not require a gradient and is not changed in place
+        until the flush (a result of the step's own computation), or a number; on the host
+        it becomes a flat float64 array. Nothing but an append: a detach and a view cost
+        more than the rest of a put, and most puts are flat already."""
+        self.tensors.append(t)
         return len(self.tensors) - 1
 
     def get(self, handle: int) -> np.ndarray:
@@ -177,15 +181,20 @@ def host(tensors: list[Tensor]) -> np.ndarray:
 
 def fetch(groups: list[Slots]) -> None:
     """Copy the tensors of every ``Slots`` to the host in one transfer, as float64."""
-    members = [t for slots in groups for t in slots.tensors]
-    values = host(members).astype(np.float64)
-    bounds = np.cumsum([0] + [t.numel() for t in members]).tolist()
-    done = 0
+    tensors = [t if t.dim() == 1 else t.reshape(-1) for slots in groups for t in slots.tensors
+               if isinstance(t, Tensor)]
+    values = host(tensors).astype(np.float64)
+    starts = np.cumsum([0] + [t.numel() for t in tensors]).tolist()
+    done = 0  # tensors placed so far
     for slots in groups:
-        count = len(slots.tensors)
-        slots.host = [values[bounds[i]:bounds[i + 1]] for i in range(done, done + count)]
-        slots.tensors = []
-        done += count
+        placed = []
+        for t in slots.tensors:
+            if isinstance(t, Tensor):
+                placed.append(values[starts[done]:starts[done + 1]])
+                done += 1
+            else:
+                placed.append(np.array([t], dtype=np.float64))
+        slots.host, slots.tensors = placed, []
 
 
 @dataclass
@@ -284,13 +293,49 @@ class _Origins:
         return self.origins[self.first[record] + buffer] + offset
 
 
+def _table(rows: Sequence[Sequence[tuple[int, ...]]], width: int) -> np.ndarray:
+    """The rows of every record, end to end, as one int64 array of ``width`` columns. A
+    record whose rows equal the previous record's (a training loop calls the same layers in
+    the same order at every step) reuses its array: comparing tuples costs a fraction of
+    converting them.
+
+    >>> _table([[(1, 2)], [(1, 2)], [(3, 4)]], 2).tolist()
+    [[1, 2], [1, 2], [3, 4]]
+    """
+    blocks: list[np.ndarray] = []
+    last: Sequence[tuple[int, ...]] | None = None
+    block = np.empty((0, width), dtype=np.int64)
+    for these in rows:
+        if these != last:
+            last, block = these, np.array(these, dtype=np.int64).reshape(-1, width)
+        blocks.append(block)
+    return np.concatenate(blocks) if blocks else np.empty((0, width), dtype=np.int64)
+
+
+def _rows_of(records: list[StepRecord], offsets: list[int], attr: str) -> tuple[np.ndarray, np.ndarray]:
+    """The calls (indices in the flush) and the host values of the ``(calls, handle)``
+    pairs in ``attr`` (``whole`` or ``derived``) of every record, end to end."""
+    rows, values = [], []
+    arrays: dict[int, np.ndarray] = {}  # a plan's list of calls, the same object at every step
+    for rec, offset in zip(records, offsets):
+        for members, handle in getattr(rec, attr):
+            key = id(members)
+            if key not in arrays:
+                arrays[key] = np.asarray(members, dtype=np.int64)
+            rows.append(arrays[key] + offset)
+            values.append(rec.slots.get(handle))
+    if not rows:
+        return np.zeros(0, dtype=np.int64), np.zeros(0)
+    return np.concatenate(rows), np.concatenate(values)
+
+
 def gather(records: list[StepRecord], arena: Arena) -> Calls:
     """Every call and gradient of ``records`` on the host, in one copy per arena buffer."""
     values, bases = arena.read(), arena.bases()
     counts = [len(r.calls) for r in records]
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int).tolist()
     steps = [r.step for r in records]
-    calls = np.array([c for r in records for c in r.calls], dtype=np.int64).reshape(-1, 7)
+    calls = _table([r.calls for r in records], 7)
     owner = np.repeat(np.arange(len(records)), counts)
     at = _Origins(records, bases, "places")
     start = at(owner, calls[:, 2], calls[:, 3])
@@ -298,16 +343,14 @@ def gather(records: list[StepRecord], arena: Arena) -> Calls:
     moments = np.empty((len(calls), 5))
     moments[kept] = values[at(owner[kept], calls[kept, 5], calls[kept, 6])[:, None] + np.arange(5)]
     derived = np.full((len(calls), 2), np.nan)
-    for rec, offset in zip(records, offsets):
-        for members, handle in rec.whole:
-            moments[offset + np.asarray(members)] = rec.slots.get(handle).reshape(-1, 5)
-        for members, handle in rec.derived:
-            derived[offset + np.asarray(members)] = rec.slots.get(handle).reshape(-1, 2)
+    for attr, table in (("whole", moments), ("derived", derived)):
+        rows, found = _rows_of(records, offsets, attr)
+        table[rows] = found.reshape(-1, table.shape[1])
     sampled = np.array([(offset + call, i, b, off) for i, (rec, offset) in enumerate(zip(records, offsets))
                         for call, (b, off) in rec.inputs.items()], dtype=np.int64).reshape(-1, 4)
     inputs = {int(call): values[begin:begin + calls[call, 4]]
               for call, begin in zip(sampled[:, 0], at(sampled[:, 1], sampled[:, 2], sampled[:, 3]))}
-    grads = np.array([g for r in records for g in r.grads], dtype=np.int64).reshape(-1, 4)
+    grads = _table([r.grads for r in records], 4)
     grad_step = np.repeat(steps, [len(r.grads) for r in records]).astype(np.int64)
     grad_owner = np.repeat(np.arange(len(records)), [len(r.grads) for r in records])
     sumsq = values[_Origins(records, bases, "grad_places")(grad_owner, grads[:, 2], grads[:, 3])].astype(np.float64)

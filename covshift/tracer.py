@@ -42,13 +42,14 @@ class _Layer:
     input_sample: tuple[int, int, int] | None = None  # of_input kinds: (buffer, offset, length) from the pre-hook
 
 
-def _scalar(value: Tensor | float) -> Tensor:
-    """A one-element tensor of ``value`` in float32, or float64 when it is float64 (a loss
-    keeps its precision), kept apart from later in-place changes."""
+def _scalar(value: Tensor | float) -> Tensor | float:
+    """``value`` as kept until the flush: a tensor as a one-element tensor in float32, or
+    float64 when it is float64 (a loss keeps its precision), apart from later in-place
+    changes; a number as a float (nothing to send to the device and back)."""
     if isinstance(value, Tensor):
         value = value.detach().reshape(1)
-        return (value if value.dtype == torch.float64 else value.float()).clone()
-    return torch.tensor([float(value)], dtype=torch.float64)
+        return value.clone() if value.dtype in (torch.float32, torch.float64) else value.float()
+    return float(value)
 
 
 def _output_grad(nr: int, hook: Callable[[Tensor], None], grads: tuple[Tensor | None, ...]) -> None:

@@ -841,6 +841,30 @@ def test_param_metrics_update_ratio_lr_loss_and_global_grad_norm(tmp_path):
     assert tab[(1, "3", "bias.update_ratio")] > 0
 
 
+def test_numbers_and_tensors_as_loss_lr_and_logged_values(tmp_path):
+    """Numbers are kept on the host and tensors on the device until the flush, side by side
+    in one step: a float loss, a tensor learning rate (Adam's capturable kind) and an int
+    one, logged floats and bfloat16 tensors; all arrive exactly (a float64 tensor too)."""
+    model = nn.Sequential(nn.Linear(3, 2))
+    opt = torch.optim.Adam([{"params": model[0].weight, "lr": torch.tensor(0.003)},
+                            {"params": model[0].bias, "lr": 1}])
+    path = tmp_path / "t.covshift"
+    with covshift.Tracer(model, path, optimizer=opt, flush_every=2) as tracer:
+        for step in range(3):
+            opt.zero_grad()
+            model(torch.ones(4, 3)).pow(2).sum().backward()
+            opt.step()
+            loss = 0.1 * step + 1e-12 if step != 1 else torch.tensor(1.25, dtype=torch.float64) + 1e-12
+            tracer.step(loss=loss)
+            tracer.log(val=step / 3, acc=torch.tensor(0.5 + step, dtype=torch.bfloat16))
+    tab = table(covshift.load(path))
+    for step in range(3):
+        want = 0.1 * step + 1e-12 if step != 1 else 1.25 + 1e-12
+        assert tab[(step, "", "loss")] == want  # float64 throughout: not rounded to float32
+        assert tab[(step, "", "lr")] == pytest.approx(0.003, rel=1e-7) and tab[(step, "", "lr.1")] == 1.0
+        assert tab[(step, "", "val")] == step / 3 and tab[(step, "", "acc")] == 0.5 + step
+
+
 # ---------------------------------------------------------------------------------------
 # 11. Layer selection, forward order, no_grad validation
 # ---------------------------------------------------------------------------------------
