@@ -83,17 +83,54 @@ def test_moments_of_bfloat16_outputs_match_float64(case):
 
 
 @pytest.mark.parametrize("use_scratch", [False, True])
-def test_sum_of_squares_matches_float64(use_scratch):
-    """The gradient's sum of squares (grad_norm, grad_rms) is summed pairwise: within 1e-6
-    of float64 on 4M float32 values, where torch.dot loses ~2e-5."""
-    g = 1e-3 * torch.randn(4_000_000, generator=gen(4)) + 2e-3
+@pytest.mark.parametrize("case", ["gradient", "constant", "odd_length", "float64", "below_rows"])
+def test_sum_of_squares_matches_float64(use_scratch, case):
+    """The gradient's sum of squares (grad_norm, grad_rms) is within 1e-6 of float64 on
+    millions of values, from the norms of short rows (a last shorter row when the length is
+    not a multiple), or summed pairwise below ROW_NORMS_FROM; constant values are the worst
+    case of a norm's accumulation, where the norm of the whole tensor loses 3e-3."""
+    n = {"odd_length": 4_000_037, "below_rows": stats.ROW_NORMS_FROM - 1}.get(case, 4_000_000)
+    g = 1e-3 * torch.randn(n, generator=gen(4), dtype=torch.float64 if case == "float64" else torch.float32) + 2e-3
+    if case == "constant":
+        g = torch.full((n,), 1.7)
     ref = float(np.square(g.double().numpy()).sum())
-    out = torch.empty(())
+    out = torch.empty((), dtype=g.dtype)
     got = stats.sum_of_squares(g, torch.empty_like(g) if use_scratch else None, out=out)
     assert got is out
     assert rel(float(out), ref) < 1e-6
     assert rel(float(stats.sum_of_squares(g)), ref) < 1e-6
-    assert rel(float(torch.dot(g, g)), ref) > 1e-6  # the kernel it replaces is not exact here
+    if case in ("gradient", "constant"):  # the kernels it replaces are not exact here
+        assert rel(float(torch.dot(g, g)), ref) > 1e-6
+        assert rel(float(torch.linalg.vector_norm(g)) ** 2, ref) > 1e-6
+
+
+def test_sum_of_squares_of_a_large_tensor_writes_nothing_of_its_size():
+    """Above ROW_NORMS_FROM the tensor is read once, by the rows' norms: no kernel writes a
+    tensor of its size (squaring it first would), with or without a scratch buffer. Fails
+    with the squares summed pairwise at every size."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Outputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.sizes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            self.sizes += [t.numel() for t in torch.utils._pytree.tree_leaves(result)
+                           if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != self.input]
+            return result
+
+    n = stats.ROW_NORMS_FROM + 5
+    g = torch.randn(n, generator=gen(6))
+    Outputs.input = g.untyped_storage().data_ptr()  # views of it are not written
+    for scratch in (None, torch.empty_like(g)):
+        with Outputs() as seen:
+            stats.sum_of_squares(g, scratch, out=torch.empty(()))
+        assert seen.sizes and max(seen.sizes) <= n // stats.NORM_ROW + 1
+    with Outputs() as seen:  # below, the squares are written (into the scratch when given)
+        stats.sum_of_squares(g[: stats.ROW_NORMS_FROM - 1])
+    assert max(seen.sizes) == stats.ROW_NORMS_FROM - 1
 
 
 @pytest.mark.parametrize("use_scratch", [False, True], ids=["no_scratch", "scratch"])
