@@ -12,6 +12,8 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 from torch import nn
 
 from covshift import stats
@@ -57,6 +59,21 @@ def rel(a: float, b: float) -> float:
 
 
 # --------------------------------------------------------------------------- moments
+
+
+class Written(TorchDispatchMode):
+    """The sizes of the tensors that the operators run inside it write: their outputs, less
+    views of ``sources``."""
+
+    def __init__(self, *sources: torch.Tensor):
+        super().__init__()
+        self.sources, self.sizes = {t.untyped_storage().data_ptr() for t in sources}, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        self.sizes += [t.numel() for t in tree_leaves(result)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.sources]
+        return result
 
 
 MOMENT_CASES = {
@@ -108,27 +125,13 @@ def test_sum_of_squares_of_a_large_tensor_writes_nothing_of_its_size():
     """Above ROW_NORMS_FROM the tensor is read once, by the rows' norms: no kernel writes a
     tensor of its size (squaring it first would), with or without a scratch buffer. Fails
     with the squares summed pairwise at every size."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Outputs(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.sizes = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            self.sizes += [t.numel() for t in torch.utils._pytree.tree_leaves(result)
-                           if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() != self.input]
-            return result
-
     n = stats.ROW_NORMS_FROM + 5
     g = torch.randn(n, generator=gen(6))
-    Outputs.input = g.untyped_storage().data_ptr()  # views of it are not written
     for scratch in (None, torch.empty_like(g)):
-        with Outputs() as seen:
+        with Written(g) as seen:
             stats.sum_of_squares(g, scratch, out=torch.empty(()))
         assert seen.sizes and max(seen.sizes) <= n // stats.NORM_ROW + 1
-    with Outputs() as seen:  # below, the squares are written (into the scratch when given)
+    with Written(g) as seen:  # below, the squares are written
         stats.sum_of_squares(g[: stats.ROW_NORMS_FROM - 1])
     assert max(seen.sizes) == stats.ROW_NORMS_FROM - 1
 
@@ -147,10 +150,10 @@ def test_moments_match_numpy(case, shift, use_scratch):
     # min and max are values of the tensor: exact
     assert lo == ref.min()
     assert hi == ref.max()
-    if use_scratch:
-        # the scratch buffer receives the squared shifted values (x - c)**2 (float32)
-        xs = x.numpy()
-        np.testing.assert_array_equal(scratch.numpy(), np.square(xs - np.float32(c.item())))
+    if use_scratch:  # the shifted values go into the scratch buffer: only the results are allocated
+        with Written(x, scratch) as seen:
+            stats.moments(x, c, scratch)
+        assert max(seen.sizes) <= 4 * math.ceil(x.numel() / stats.MOMENTS_PIECE) + 1  # a piece's 4, and 5 at most
 
 
 @pytest.mark.parametrize("case", ["offset_1000", "saturated_sigmoid"])
