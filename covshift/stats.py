@@ -284,10 +284,11 @@ def row_derivative_stats(rows: Tensor, kind: Nonlinearity) -> Tensor:
     return torch.stack([flags.sum(1), gain], dim=1) / rows.shape[1]
 
 
-#: :func:`sum_of_squares` of at least this many values, outside a compiled graph, sums the
-#: squared norms of rows of :data:`NORM_ROW` values: one read of the tensor, where squaring it
-#: first writes it once more (2M float32 values on the CPU: 205 µs against 370). Below, the
-#: squares fit in the cache and the write costs less than a kernel per row's norm.
+#: :func:`sum_of_squares` of at least this many values on the CPU, outside a compiled graph,
+#: sums the squared norms of rows of :data:`NORM_ROW` values: one read of the tensor, where
+#: squaring it first writes it once more (2M float32 values: 205 µs against 370). Below, the
+#: squares fit in the cache and the write costs less than the rows' kernels. (A GPU keeps
+#: the two kernels: not measured there.)
 ROW_NORMS_FROM = 1 << 18
 
 #: Values per row of :func:`sum_of_squares`'s norms: short enough that a row's norm stays
@@ -303,7 +304,7 @@ def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | No
     norms of short rows (:data:`ROW_NORMS_FROM`). ``scratch`` (same size and dtype)
     receives the squares of a smaller tensor, sparing an allocation."""
     n = flat.numel()
-    if n >= ROW_NORMS_FROM and not torch.compiler.is_compiling():
+    if n >= ROW_NORMS_FROM and flat.device.type == "cpu" and not torch.compiler.is_compiling():
         whole = n - n % NORM_ROW
         squares = torch.linalg.vector_norm(flat[:whole].view(-1, NORM_ROW), dim=1).square_()
         if whole < n:  # the last, shorter row
