@@ -214,8 +214,9 @@ def moments(flat: Tensor, shift: Tensor | None, scratch: Tensor | None = None, o
     ``1 / len(sample)``: a sum is one kernel where a mean is two), the variance stays exact
     when ``|mean| >> std`` (a saturated sigmoid sits at 0.999 +- 0.001), where
     ``E[x^2] - E[x]^2`` would cancel. :func:`finish_moments` turns the sums into
-    ``(mean, M2)`` on the host. ``scratch`` (same size and dtype) is working space for the
-    shifted values, sparing an allocation of the tensor's size.
+    ``(mean, M2)`` on the host. ``scratch`` (``flat``'s dtype, at least
+    :func:`scratch_size` values) is working space for the shifted values, sparing an
+    allocation of the tensor's size.
     """
     out = torch.empty(5, dtype=flat.dtype, device=flat.device) if out is None else out
     first, s1, s2, lo, hi = out.unbind()
@@ -226,17 +227,25 @@ def moments(flat: Tensor, shift: Tensor | None, scratch: Tensor | None = None, o
     if shift is not first:
         first.copy_(shift)
     n = flat.numel()
-    if n <= MOMENTS_PIECE or flat.device.type != "cpu" or torch.compiler.is_compiling():
-        _shifted_sums(flat, shift, scale, scratch, (lo, hi, s1, s2))
+    if scratch_size(n, flat.device) == n:
+        _shifted_sums(flat, shift, scale, None if scratch is None else scratch[:n], (lo, hi, s1, s2))
         return out
-    pieces = -(-n // MOMENTS_PIECE)
-    partial = torch.empty(4, pieces, dtype=flat.dtype)  # per piece: min, max, S1, S2
+    parts = torch.empty(4, -(-n // MOMENTS_PIECE), dtype=flat.dtype)  # per piece: min, max, S1, S2
     for i, at in enumerate(range(0, n, MOMENTS_PIECE)):
         piece = flat[at:at + MOMENTS_PIECE]
-        _shifted_sums(piece, shift, scale, None if scratch is None else scratch[:piece.numel()], partial[:, i].unbind())
-    torch.amin(partial[0], 0, out=lo), torch.amax(partial[1], 0, out=hi)
-    torch.sum(partial[2], 0, out=s1), torch.sum(partial[3], 0, out=s2)
+        _shifted_sums(piece, shift, scale, None if scratch is None else scratch[:piece.numel()], parts[:, i].unbind())
+    torch.amin(parts[0], 0, out=lo), torch.amax(parts[1], 0, out=hi)
+    torch.sum(parts[2], 0, out=s1), torch.sum(parts[3], 0, out=s2)
     return out
+
+
+def scratch_size(n: int, device: torch.device) -> int:
+    """The working space :func:`moments` and :func:`sum_of_squares` use for ``n`` values on
+    ``device``: ``n``, or a piece on the CPU outside a compiled graph (:data:`MOMENTS_PIECE`),
+    where the sum of squares of more values needs none (:data:`ROW_NORMS_FROM`)."""
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return n
+    return min(n, MOMENTS_PIECE)
 
 
 def _shifted_sums(flat: Tensor, shift: Tensor, scale: float, scratch: Tensor | None,
@@ -301,8 +310,9 @@ def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | No
     """``sum(flat**2)`` of a 1-D tensor as a 0-dim tensor (written into ``out`` when given),
     within ~2e-7 of float64 on millions of float32 values, where ``torch.dot`` and
     ``torch.linalg.vector_norm`` of the whole tensor lose ~5e-5: summed pairwise, or from the
-    norms of short rows (:data:`ROW_NORMS_FROM`). ``scratch`` (same size and dtype)
-    receives the squares of a smaller tensor, sparing an allocation."""
+    norms of short rows (:data:`ROW_NORMS_FROM`). ``scratch`` (``flat``'s dtype, at least
+    :func:`scratch_size` values) receives the squares of a smaller tensor, sparing an
+    allocation."""
     n = flat.numel()
     if n >= ROW_NORMS_FROM and flat.device.type == "cpu" and not torch.compiler.is_compiling():
         whole = n - n % NORM_ROW
@@ -310,7 +320,7 @@ def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | No
         if whole < n:  # the last, shorter row
             squares = torch.cat([squares, torch.linalg.vector_norm(flat[whole:]).square().reshape(1)])
     else:
-        squares = torch.mul(flat, flat, out=scratch) if scratch is not None else flat.square()
+        squares = torch.mul(flat, flat, out=scratch[:n]) if scratch is not None else flat.square()
     return torch.sum(squares, 0, out=out) if out is not None else squares.sum()
 
 

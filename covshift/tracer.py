@@ -389,15 +389,17 @@ class Tracer:
 
     def _scratch_for(self, flat: Tensor, compiling: bool) -> Tensor | None:
         """A buffer for ``flat``'s shifted values: one per dtype and device, as large as the
-        largest output so far, shared by every layer (hooks run one at a time, and device
+        largest :func:`covshift.stats.scratch_size` so far (on the CPU a piece of an output,
+        elsewhere the whole output), shared by every layer (hooks run one at a time, and device
         work is ordered on the stream). None when ``compiling``: the graph keeps them in registers."""
         if compiling:
             return None
         key = (flat.dtype, flat.device)
+        need = stats.scratch_size(flat.numel(), flat.device)
         buffer = self._scratch.get(key)
-        if buffer is None or buffer.numel() < flat.numel():
-            buffer = self._scratch[key] = torch.empty_like(flat)
-        return buffer[: flat.numel()]
+        if buffer is None or buffer.numel() < need:
+            buffer = self._scratch[key] = flat.new_empty(need)
+        return buffer[:need]
 
     def _on_grad(self, cell: Tensor, grad: Tensor) -> None:
         """Write the sum of squares of an output's gradient into the cell its forward kept."""

@@ -111,7 +111,8 @@ def test_write_every_must_be_a_non_negative_number(tmp_path, value):
 def test_large_outputs_are_exact_through_the_tracer(tmp_path):
     """A 2M-element ReLU output and its gradient: the stored mean, variance, std and
     grad_norm are within 1e-6 of float64 computed on the same tensors (the file keeps
-    layer metrics as float32, 6e-8)."""
+    layer metrics as float32, 6e-8), taken on the CPU in pieces with a working buffer of
+    one piece, not of the output's size."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 32 * 32, 2))
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 2, (32,))
@@ -122,6 +123,7 @@ def test_large_outputs_are_exact_through_the_tracer(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with covshift.Tracer(model, path, optimizer=opt) as tracer:
         _step(model, opt, x, y, tracer)
+        assert [b.numel() for b in tracer._scratch.values()] == [stats.MOMENTS_PIECE]
     assert seen["y"].numel() == 2_097_152
     trace = covshift.load(path)
     got = {metric: trace.series("run", "1", metric)[1][0] for metric in ("mean", "var", "std", "grad_norm")}
