@@ -227,7 +227,7 @@ def moments(flat: Tensor, shift: Tensor | None, scratch: Tensor | None = None, o
     if shift is not first:
         first.copy_(shift)
     n = flat.numel()
-    if scratch_size(n, flat.device) == n:
+    if n <= MOMENTS_PIECE or not _eager_cpu(flat.device):
         _shifted_sums(flat, shift, scale, None if scratch is None else scratch[:n], (lo, hi, s1, s2))
         return out
     parts = torch.empty(4, -(-n // MOMENTS_PIECE), dtype=flat.dtype)  # per piece: min, max, S1, S2
@@ -243,9 +243,14 @@ def scratch_size(n: int, device: torch.device) -> int:
     """The working space :func:`moments` and :func:`sum_of_squares` use for ``n`` values on
     ``device``: ``n``, or a piece on the CPU outside a compiled graph (:data:`MOMENTS_PIECE`),
     where the sum of squares of more values needs none (:data:`ROW_NORMS_FROM`)."""
-    if device.type != "cpu" or torch.compiler.is_compiling():
-        return n
-    return min(n, MOMENTS_PIECE)
+    return min(n, MOMENTS_PIECE) if _eager_cpu(device) else n
+
+
+def _eager_cpu(device: torch.device) -> bool:
+    """Whether work on ``device`` runs kernel by kernel on the CPU, where :func:`moments`
+    goes through pieces and :func:`sum_of_squares` takes rows' norms (a compiled graph fuses
+    the passes itself; a GPU keeps one kernel per pass)."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _shifted_sums(flat: Tensor, shift: Tensor, scale: float, scratch: Tensor | None,
@@ -314,7 +319,7 @@ def sum_of_squares(flat: Tensor, scratch: Tensor | None = None, out: Tensor | No
     :func:`scratch_size` values) receives the squares of a smaller tensor, sparing an
     allocation."""
     n = flat.numel()
-    if n >= ROW_NORMS_FROM and flat.device.type == "cpu" and not torch.compiler.is_compiling():
+    if n >= ROW_NORMS_FROM and _eager_cpu(flat.device):
         whole = n - n % NORM_ROW
         squares = torch.linalg.vector_norm(flat[:whole].view(-1, NORM_ROW), dim=1).square_()
         if whole < n:  # the last, shorter row
