@@ -197,12 +197,15 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
             clock: Callable[[], float] = time.perf_counter) -> float:
     torch.manual_seed(0)
     plain, shape = build()
-    traced, bare, old = copy.deepcopy(plain), copy.deepcopy(plain), copy.deepcopy(plain)
-    for model in (plain, traced, bare, old):
+    traced = copy.deepcopy(plain)
+    bare = copy.deepcopy(plain) if breakdown else None  # under bare hooks
+    old = copy.deepcopy(plain) if reference is not None else None  # traced by REF's covshift
+    models = [m for m in (plain, traced, bare, old) if m is not None]
+    for model in models:
         model.to(device)
     x = torch.randn(shape, device=device)
     y = torch.randint(0, 10, (shape[0],), device=device)
-    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (plain, traced, bare, old)}
+    opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in models}
 
     def run(model: nn.Module, tracer: Recorder | None) -> float:
         return time_block(model, opts[id(model)], tracer, x, y, block, device, clock)
