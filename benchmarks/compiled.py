@@ -3,7 +3,8 @@
 Four copies of each model with identical weights train on the same fixed batch: eager,
 eager + Tracer, ``torch.compile(model)`` (inductor, the default backend) and compiled +
 Tracer. Blocks of ``--block`` steps of the four alternate in every round, so drift of the
-machine hits all alike; each ratio is the median over rounds of the block times' ratio.
+machine hits all alike; each ratio is the median over rounds of the block times' ratio,
+each traced block given its share of all flushes (``overhead.StepTimer``).
 Compiling (and the first steps) happen in warm-up blocks before the rounds. The graphs and
 graph breaks that dynamo counted for the traced model are printed too (one graph: no break
 and no recompile).
@@ -25,7 +26,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import covshift
-from overhead import cnn, deep, mlp, parse_steps, step_parser, time_block
+from overhead import StepTimer, cnn, deep, mlp, parse_steps, step_parser, time_block
 
 MODELS = {"mlp": mlp, "cnn": cnn, "deep": deep}
 KINDS = ("eager", "eager+traced", "compiled", "compiled+traced")
@@ -42,14 +43,14 @@ def measure(name: str, build: Callable, device: torch.device, rounds: int, block
     x = torch.randn(shape, device=device)
     y = torch.randint(0, 10, (shape[0],), device=device)
     runs: dict[str, Callable[[], float]] = {}
-    tracers = []
+    timers: dict[str, StepTimer] = {}
     for kind in KINDS:
         model = copy.deepcopy(base).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         tracer = None
         if kind.endswith("traced"):
-            tracer = covshift.Tracer(model, folder / f"{name}-{kind}.covshift", optimizer=opt).start()
-            tracers.append(tracer)
+            tracer = timers[kind] = StepTimer(
+                covshift.Tracer(model, folder / f"{name}-{kind}.covshift", optimizer=opt).start())
         forward = torch.compile(model) if kind.startswith("compiled") else model
 
         runs[kind] = partial(time_block, forward, opt, tracer, x, y, block, device)
@@ -63,11 +64,16 @@ def measure(name: str, build: Callable, device: torch.device, rounds: int, block
     for kind in ("compiled", "eager", "eager+traced"):
         runs[kind]()  # warm up
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    for timer in timers.values():
+        timer.reset()
     for _ in range(rounds):
         for kind, run in runs.items():
             times[kind].append(run() / block)
-    for tracer in tracers:
-        tracer.close()
+            if kind in timers:
+                timers[kind].close_block()
+    for kind, timer in timers.items():
+        timer.tracer.close()
+        times[kind] = [t / block for t in timer.spread([t * block for t in times[kind]], block)]
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))

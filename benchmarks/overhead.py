@@ -3,7 +3,8 @@
 Two copies of each model with identical weights train on the same fixed batch. Blocks of
 ``--block`` steps alternate between the plain and the traced copy, so drift of the machine
 (clock, other load) hits both alike; the ratio is the median over rounds of traced/plain
-block time. Flushes to the trace file fall inside the traced blocks and are counted. Each
+block time. Flushes to the trace file fall inside some traced blocks: each block is given
+its share of all flushes instead (``StepTimer.spread``), so that the median counts them. Each
 line also gives the cost per hooked layer and step, (traced - plain) / layers, in µs, and
 the model's target ratio (✗ when missed).
 
@@ -164,18 +165,51 @@ class Floor:
 
 class StepTimer:
     """A tracer whose :meth:`step` calls are timed: those that flush (every ``flush_every``
-    recorded steps; nothing else flushes here) apart from the others."""
+    recorded steps; nothing else flushes here) apart from the others. A flush lands in one
+    block of ``flush_every / block``, so the median over rounds would leave it out: after
+    each timed block :meth:`close_block` notes its flushes, and :meth:`spread` gives every
+    block its share of all flushes instead of the ones that fell into it."""
 
     def __init__(self, tracer: covshift.Tracer, clock: Callable[[], float] = time.perf_counter) -> None:
         self.tracer, self.clock = tracer, clock
         self.ends: list[float] = []  # seconds of each step() that did not flush
         self.flushes: list[float] = []  # ... and of each that did
+        self.blocks: list[list[float]] = []  # the flushing steps' seconds of each closed block
+        self._open: list[float] = []
 
     def step(self, loss: torch.Tensor) -> None:
         start = self.clock()
         index = self.tracer.step(loss=loss)
         took = self.clock() - start
-        (self.flushes if (index + 1) % self.tracer.flush_every == 0 else self.ends).append(took)
+        if (index + 1) % self.tracer.flush_every == 0:
+            self.flushes.append(took)
+            self._open.append(took)
+        else:
+            self.ends.append(took)
+
+    def close_block(self) -> None:
+        self.blocks.append(self._open)
+        self._open = []
+
+    def reset(self) -> None:
+        """Forget the warm-up."""
+        self.ends.clear(), self.flushes.clear(), self.blocks.clear(), self._open.clear()
+
+    def flush_share(self) -> float:
+        """Seconds per step that flushing adds: each flushing step's time beyond the median
+        step end, summed and divided by all steps of the closed blocks."""
+        if not self.flushes or not self.blocks:
+            return 0.0
+        end = statistics.median(self.ends) if self.ends else 0.0
+        steps = len(self.ends) + len(self.flushes)
+        return sum(took - end for took in self.flushes) / steps
+
+    def spread(self, times: list[float], block: int) -> list[float]:
+        """``times`` of the closed blocks (one each, ``block`` steps) with each block's
+        flushes replaced by its share of all of them."""
+        end = statistics.median(self.ends) if self.ends else 0.0
+        share = self.flush_share() * block
+        return [t - sum(took - end for took in flushed) + share for t, flushed in zip(times, self.blocks)]
 
 
 def covshift_at(ref: str, folder: Path) -> ModuleType:
@@ -210,34 +244,34 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
     def run(model: nn.Module, tracer: Recorder | None) -> float:
         return time_block(model, opts[id(model)], tracer, x, y, block, device, clock)
 
-    ratios, floors, plain_times, olds = [], [], [], []
+    floors, plain_times, traced_times, old_times = [], [], [], []
     with contextlib.ExitStack() as stack:
         tracer = stack.enter_context(covshift.Tracer(traced, folder / f"{name}.covshift", optimizer=opts[id(traced)]))
-        then = None if reference is None else stack.enter_context(
-            reference[1].Tracer(old, folder / f"{name}-ref.covshift", optimizer=opts[id(old)]))
+        then = None if reference is None else StepTimer(stack.enter_context(
+            reference[1].Tracer(old, folder / f"{name}-ref.covshift", optimizer=opts[id(old)])), clock)
         timer = StepTimer(tracer, clock)
         run(plain, None), run(traced, timer)  # warm up (the tracer finds its layers in the first step)
         hooks = Floor(bare, tracer.layers) if breakdown else None
         for model, recorder in ((bare, hooks), (old, then)):
             if recorder is not None:
                 run(model, recorder)
-        timer.ends.clear(), timer.flushes.clear()
-        pair = [(traced, timer)] + ([] if then is None else [(old, then)])
+        timers = [(traced, timer, traced_times)] + ([] if then is None else [(old, then, old_times)])
+        for _, each, _ in timers:
+            each.reset()
         for i in range(rounds):
-            t_plain = run(plain, None)
-            took = {id(m): run(m, r) for m, r in (pair if i % 2 == 0 else pair[::-1])}  # each first in turn
-            t_traced = took[id(traced)]
-            if then is not None:
-                olds.append((t_traced / took[id(old)], took[id(old)] / t_plain))
+            plain_times.append(run(plain, None))
+            for model, each, times in (timers if i % 2 == 0 else timers[::-1]):  # each first in turn
+                times.append(run(model, each))
+                each.close_block()
             if hooks is not None:
-                floors.append(run(bare, hooks) / t_plain)
-            ratios.append(t_traced / t_plain)
-            plain_times.append(t_plain / block)
+                floors.append(run(bare, hooks) / plain_times[-1])
         layers = len(tracer.layers)
     if hooks is not None:
         hooks.close()
+    traced_times = timer.spread(traced_times, block)
+    ratios = [t / p for t, p in zip(traced_times, plain_times)]
     ratio = statistics.median(ratios)
-    plain_step = statistics.median(plain_times)
+    plain_step = statistics.median(plain_times) / block
 
     def per_layer(share: float) -> str:  # a share of the plain step as µs per layer and step
         return f"{share * plain_step / layers * 1e6:.0f} µs"
@@ -248,22 +282,20 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
           flush=True)
     if floors:
         machinery = statistics.median(floors) - 1.0
-        step_end = statistics.median(timer.ends) if timer.ends else 0.0
-        end = step_end / plain_step
-        flush = max(statistics.mean(timer.flushes) - step_end, 0.0) / tracer.flush_every / plain_step \
-            if timer.flushes else 0.0
+        end = (statistics.median(timer.ends) if timer.ends else 0.0) / plain_step
+        flush = timer.flush_share() / plain_step
         work = ratio - 1.0 - machinery - end - flush
         print(f"{'':5s} floor (hooks that copy each output's sample and hook its gradient, no statistics): "
               f"{1.0 + machinery:.3f} of plain, {per_layer(machinery)} per layer and step", flush=True)
         print(f"{'':5s} traced/plain - 1 = {ratio - 1.0:.3f}: PyTorch's hooks {machinery:.3f} ({per_layer(machinery)}), "
               f"covshift in the hooks {work:.3f} ({per_layer(work)}), step() {end:.3f} ({per_layer(end)}), "
               f"flush {flush:.3f} ({per_layer(flush)}) per layer and step", flush=True)
-    if olds and reference is not None:
-        against = [a for a, _ in olds]
+    if then is not None and reference is not None:
+        against = [a / b for a, b in zip(traced_times, then.spread(old_times, block))]
         low, _, high = statistics.quantiles(against, n=4) if len(against) > 1 else (against[0],) * 3
+        at_ref = statistics.median(b / p for b, p in zip(then.spread(old_times, block), plain_times))
         print(f"{'':5s} traced/traced at {reference[0]}: {statistics.median(against):.3f} (rounds' quartiles "
-              f"{low:.3f}..{high:.3f}); at {reference[0]} traced/plain {statistics.median([b for _, b in olds]):.3f}",
-              flush=True)
+              f"{low:.3f}..{high:.3f}); at {reference[0]} traced/plain {at_ref:.3f}", flush=True)
     return ratio
 
 

@@ -50,3 +50,31 @@ def test_distributed_times_the_collectives_on_every_rank() -> None:
     lines = [line for line in out.splitlines() if line.startswith("rank ")]
     assert len(lines) == 2 and all("gather" in line and "sent" in line for line in lines)
     assert sum("merge" in line for line in lines) == 1  # rank 0 merges
+
+def test_step_timer_gives_every_block_its_share_of_the_flushes() -> None:
+    """A flush lands in one block of several; the median over blocks would leave it out."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from overhead import StepTimer
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+    class Clockwork:  # step() takes 1 s, 10 s when it flushes (every 4th step)
+        flush_every, now, index = 4, 0.0, 0
+
+        def step(self, loss: object) -> int:
+            self.index += 1
+            self.now += 10.0 if self.index % self.flush_every == 0 else 1.0
+            return self.index - 1
+
+    fake = Clockwork()
+    timer = StepTimer(fake, clock=lambda: fake.now)  # type: ignore[arg-type]
+    times = []
+    for _ in range(4):  # blocks of 2 steps: the 2nd and 4th hold a flush
+        start = fake.now
+        timer.step(None), timer.step(None)  # type: ignore[arg-type]
+        timer.close_block()
+        times.append(fake.now - start)
+    assert times == [2.0, 11.0, 2.0, 11.0]
+    assert timer.flush_share() == pytest.approx(18.0 / 8)  # 9 s more, twice, over 8 steps
+    assert timer.spread(times, 2) == pytest.approx([6.5] * 4)
