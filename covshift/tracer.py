@@ -19,6 +19,7 @@ from . import distributed as dist, stats
 from .layers import ROOT, calls_children_functionally, first_tensor, functional_candidates, select_layers
 from .records import UNSET, Arena, Calls, Slots, Staging, StepRecord, fetch, gather
 from .columns import Layers, run_columns, summarize
+from .params import ParamNorms
 from .saving import Batch, Saver
 from .whole import DeviceIndices, WholePlan
 
@@ -134,11 +135,10 @@ class Tracer:
         self.distributed, self.dist_timeout = distributed, float(dist_timeout)
         self._ranks: dist.Ranks | None = None
         self._started = False
-        self._prev: list[Tensor] | None = None  # the tracked weights before the step's update
-        self._last_norms: tuple[int, Tensor] | None = None  # (step, weight norms) of the last recorded step
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._copies = np.array([dist.replicas(p) for p in self._params], dtype=np.int64)
-        self._sharded = bool(self._copies.any())  # DTensor parameters, whose local shards are used
+        # DTensor parameters are sharded: their local shards are used
+        self._param_norms = ParamNorms(self._params, sharded=bool(self._copies.any()))
         self._index = {id(p): i for i, p in enumerate(self._params)}
         self._tracked: list[tuple[str, str, int]] = []  # (layer, attribute, index into _params)
         self._layers: dict[str, _Layer] = {}
@@ -163,7 +163,6 @@ class Tracer:
         self._current = self._new_record()
         self._closed = False
         self._scratch: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-        self._norm_plans: dict[tuple[tuple[int, ...], int, bool], stats.NormPlan] = {}  # by layout, see _record_params
         self._indices = DeviceIndices()
         self._whole = WholePlan(self._indices)
         self._held: dict[tuple[Any, ...], list[tuple[int, Tensor]]] = {}  # (buffer, shape, dtype) -> (cell, gradient)
@@ -221,7 +220,7 @@ class Tracer:
             self._probes.append(module.register_forward_hook(partial(self._on_container, name, children)))
         if self.optimizer is not None and hasattr(self.optimizer, "register_step_pre_hook"):
             self._handles.append(self.optimizer.register_step_pre_hook(self._on_optimizer_step))
-        self._snapshot()
+        self._param_norms.snapshot()
         return self
 
     def _reserve(self) -> None:
@@ -243,8 +242,7 @@ class Tracer:
             index = self._index.get(id(param))
             if index is not None and index not in tracked:
                 self._tracked.append((name, attr, index))
-                if self._prev is not None:  # added during a step: its weight before the update
-                    self._prev.append(dist.local(param).detach().clone())
+                self._param_norms.track(index)
         return layer
 
     def _hook(self, layer: _Layer) -> None:
@@ -432,8 +430,9 @@ class Tracer:
         rec = self._current
         self._hand_off(rec)
         if self.recording:
-            with torch.no_grad():
-                self._record_params(rec)
+            self._param_norms.record(rec)
+            if self._tracked:
+                rec.tracked = self._tracked
             self._recorded += 1
         self._record_scalars(rec, loss)
         self._pending.append(rec)
@@ -445,7 +444,7 @@ class Tracer:
             self._stop_probing()
         self._current = self._new_record()
         if self.recording:
-            self._snapshot()
+            self._param_norms.snapshot()
         if self._recorded >= self.flush_every:
             self._flush(now=False)
         return index
@@ -472,43 +471,6 @@ class Tracer:
     def _new_record(self) -> StepRecord:
         return StepRecord(self._step, detail=self._step % self.detail_every == 0)
 
-    def _record_params(self, rec: StepRecord) -> None:
-        """The norms of the step's parameter gradients, of the tracked weights and of their
-        updates, in one batch (the update is computed in place of the weights' snapshot,
-        which :meth:`_snapshot` renews before it is used again)."""
-        grads = [p.grad for p in self._params]
-        have = [i for i, g in enumerate(grads) if g is not None and not g.is_sparse]
-        batch = self._locals([grads[i] for i in have])
-        rec.grad_params = have
-        params = self._tracked_locals() if self._tracked else []
-        prev = self._prev if params and self._prev is not None else None
-        before: Tensor | None = None  # the norms of the weights before this update
-        if prev is not None:
-            # the weights before this update were snapshotted when the previous step's norms
-            # were taken, so when that step was recorded its norms are theirs
-            last = self._last_norms
-            fresh = last is not None and last[0] == rec.step - 1 and len(last[1]) == len(params)
-            before = last[1] if fresh and last is not None else stats.norms(prev)
-        batch += params
-        if prev is not None:
-            torch._foreach_sub_(prev, params)  # minus the update: the same norm
-            batch += prev
-        if not batch:
-            return
-        layout = (tuple(have), len(params), prev is not None)
-        if layout not in self._norm_plans:
-            self._norm_plans[layout] = stats.NormPlan.of(batch)
-        norms = stats.norms(batch, self._norm_plans[layout])
-        put, g, w = rec.slots.put, len(have), len(params)
-        if have:
-            rec.grad_norms = put(norms[:g])
-        if params:
-            rec.tracked = self._tracked
-            rec.weight_norms = put(norms[g:g + w])
-            self._last_norms = (rec.step, norms[g:g + w])
-        if before is not None:
-            rec.update_norms, rec.prev_norms = put(norms[g + w:]), put(before)
-
     def _record_scalars(self, rec: StepRecord, loss: Tensor | float | None) -> None:
         if isinstance(loss, Tensor) and loss.numel() != 1:
             raise ValueError(f"loss must be a single value, got a tensor of shape {tuple(loss.shape)}")
@@ -525,23 +487,6 @@ class Tracer:
     def _record_lrs(self, rec: StepRecord) -> None:
         groups = getattr(self.optimizer, "param_groups", [])
         rec.lrs = [(i, rec.slots.put(_scalar(g["lr"]))) for i, g in enumerate(groups) if "lr" in g]
-
-    def _locals(self, tensors: list[Tensor]) -> list[Tensor]:
-        """``tensors``, local shards of sharded ones (:func:`covshift.distributed.local`)."""
-        return [dist.local(t) for t in tensors] if self._sharded else tensors
-
-    def _tracked_locals(self) -> list[Tensor]:
-        """The tracked weights, local shards of sharded ones."""
-        return self._locals([self._params[i] for _, _, i in self._tracked])
-
-    def _snapshot(self) -> None:
-        """Keep the tracked weights as they are before the next optimizer step."""
-        with torch.no_grad():
-            params = self._tracked_locals()
-            if self._prev is None or not params:
-                self._prev = [p.detach().clone() for p in params]
-            else:
-                torch._foreach_copy_(self._prev, params)
 
     def log(self, step: int | None = None, layer: str = "", **values: Tensor | float) -> None:
         """Record metrics such as ``val_loss=...`` at ``step`` (default: the last step
