@@ -3,8 +3,9 @@
 Copies of each model with identical weights train on the same fixed batch (SGD, momentum
 0.9), one copy per column plus a plain one. In every round each copy runs one block of
 ``--block`` steps, one after the other, so drift of the machine hits all alike; a cell is the
-median over rounds of the column's block time / the plain block time of the same round.
-Every column records at every step (covshift every=10: its layer statistics every 10th):
+median over rounds of the column's block time / the plain block time of the same round,
+covshift's blocks each given their share of its flushes (every 100 recorded steps: they land
+in few blocks, which the median would leave out). Every column records at every step (covshift every=10: its layer statistics every 10th):
 
 - covshift default: ``covshift.Tracer(model, path, optimizer=opt)``: every statistic of
   "What is recorded" (README) for every leaf module, each step, flushed to a trace file.
@@ -62,7 +63,7 @@ import torch
 from torch import nn
 
 import covshift
-from overhead import Recorder, cnn, cnn8, deep, mlp, parse_steps, step_parser, sync, time_block
+from overhead import Recorder, StepTimer, cnn, cnn8, deep, mlp, parse_steps, step_parser, sync, time_block
 
 MODELS = {"mlp": mlp, "cnn": cnn, "cnn8": cnn8, "deep": deep}
 #: A block runner: the seconds of one block of training steps.
@@ -100,11 +101,25 @@ def plain(w: Workload, stack: contextlib.ExitStack) -> Run:
     return w.timed(*w.copy(), None)
 
 
+class SpreadRun:
+    """A covshift column's blocks, each step timed (:class:`overhead.StepTimer`), so that
+    :func:`measure_phase` gives every block its share of the flushes, which land in few."""
+
+    def __init__(self, w: Workload, model: nn.Module, opt: torch.optim.Optimizer, tracer: covshift.Tracer) -> None:
+        self.timer = StepTimer(tracer)
+        self.run = w.timed(model, opt, self.timer)
+
+    def __call__(self) -> float:
+        took = self.run()
+        self.timer.close_block()
+        return took
+
+
 def covshift_tracer(every: int, w: Workload, stack: contextlib.ExitStack) -> Run:
     model, opt = w.copy()
     tracer = stack.enter_context(covshift.Tracer(model, w.folder / f"{w.name}-every{every}.covshift",
                                                  optimizer=opt, every=every))
-    return w.timed(model, opt, tracer)
+    return SpreadRun(w, model, opt, tracer)
 
 
 class FastaiStats:
@@ -272,10 +287,15 @@ def measure_phase(w: Workload, columns: list[Column], rounds: int, cells: dict[s
                 cells[column.key] = f"failed: {type(error).__name__}: {str(error).splitlines()[0][:80]}"
                 runs.pop(column.key, None)
         runs["plain"]()
+        spread = {key: run.timer for key, run in runs.items() if isinstance(run, SpreadRun)}
+        for timer in spread.values():
+            timer.reset()
         times: dict[str, list[float]] = {key: [] for key in runs}
         for _ in range(rounds):
             for key, run in runs.items():
                 times[key].append(run())
+        for key, timer in spread.items():
+            times[key] = timer.spread(times[key], w.block)
     for column in columns:
         if column.key in runs:
             ratios = [t / p for t, p in zip(times[column.key], times["plain"])]
