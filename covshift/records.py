@@ -19,6 +19,19 @@ import torch
 from torch import Tensor
 
 
+class Place:
+    """Where a hook took elements of an :class:`Arena` at the last step (given to
+    :meth:`Arena.claim` or :meth:`Arena.take`): as long as the arena's buffers stay the same
+    and the calls before come as then, the same elements are the next free ones, and are
+    taken again without a lookup."""
+
+    __slots__ = ("generation", "index", "offset", "n", "view")
+
+    def __init__(self) -> None:
+        self.generation, self.index, self.offset, self.n = -1, 0, 0, 0
+        self.view: Tensor | None = None
+
+
 class Arena:
     """Preallocated 1-D buffers, one being filled per dtype and device, that hooks write
     into; each :meth:`take` hands out the next free elements. Buffers grow by doubling,
@@ -35,15 +48,24 @@ class Arena:
         self.buffers: list[Tensor] = []
         self.used: list[int] = []
         self.current: dict[tuple[torch.dtype, torch.device], int] = {}
+        self.generation = 0  # changes whenever the buffers do (a Place of another generation is stale)
 
-    def take(self, n: int, like: Tensor) -> tuple[int, int, Tensor]:
-        """``(buffer, offset, view)``: ``n`` free elements of ``like``'s dtype and device."""
+    def take(self, n: int, like: Tensor, place: Place | None = None) -> tuple[int, int, Tensor]:
+        """``(buffer, offset, view)``: ``n`` free elements of ``like``'s dtype and device;
+        those of ``place`` when they are the next free ones (and ``place`` notes them)."""
+        if place is not None and place.view is not None and self._again(place, n, like):
+            return place.index, place.offset, place.view
         index, offset = self.claim(n, like)
-        return index, offset, self.buffers[index][offset:offset + n]
+        view = self.buffers[index][offset:offset + n]
+        if place is not None:
+            place.generation, place.index, place.offset, place.n, place.view = self.generation, index, offset, n, view
+        return index, offset, view
 
-    def claim(self, n: int, like: Tensor) -> tuple[int, int]:
+    def claim(self, n: int, like: Tensor, place: Place | None = None) -> tuple[int, int]:
         """``(buffer, offset)`` of ``n`` free elements of ``like``'s dtype and device, for a
         later write (:meth:`take` without the view)."""
+        if place is not None and self._again(place, n, like):
+            return place.index, place.offset
         key = (like.dtype, like.device)
         index = self.current.get(key)
         if index is None or self.used[index] + n > self.buffers[index].numel():
@@ -52,10 +74,24 @@ class Arena:
             index = self.current[key]
         offset = self.used[index]
         self.used[index] = offset + n
+        if place is not None:
+            place.generation, place.index, place.offset, place.n, place.view = self.generation, index, offset, n, None
         return index, offset
+
+    def _again(self, place: Place, n: int, like: Tensor) -> bool:
+        """Take ``place``'s elements again when they are the ``n`` next free ones of a buffer
+        of ``like``'s kind: what :meth:`claim` would take, without its lookups."""
+        if place.generation != self.generation or place.n != n or self.used[place.index] != place.offset:
+            return False
+        buffer = self.buffers[place.index]
+        if buffer.dtype is not like.dtype or buffer.device != like.device:
+            return False
+        self.used[place.index] = place.offset + n
+        return True
 
     def reserve(self, n: int, dtype: torch.dtype, device: torch.device) -> None:
         """Start a buffer of ``n`` elements that the next takes of its kind fill."""
+        self.generation += 1
         shape = (n,)
         buffer = torch.empty(shape, dtype=dtype, device=device) if self.fill is None else torch.full(
             shape, self.fill, dtype=dtype, device=device)
@@ -77,6 +113,7 @@ class Arena:
         self.buffers = [self.buffers[i] for i in self.current.values()]
         self.current = {key: i for i, key in enumerate(self.current)}
         self.used = [0] * len(self.buffers)
+        self.generation += 1
 
 
 class Staging(Arena):
@@ -101,14 +138,18 @@ class Staging(Arena):
         self.with_parts = parts
         self.parts: dict[int, list[tuple[int, Tensor]]] = {}  # buffer -> (offset, tensor) handed out compiled
 
-    def take(self, n: int, like: Tensor, compiling: bool | None = None) -> tuple[int, int, Tensor]:
+    def take(self, n: int, like: Tensor, compiling: bool | None = None,
+             place: Place | None = None) -> tuple[int, int, Tensor]:
         """:meth:`Arena.take`; ``compiling`` says whether a graph is being compiled (None: ask
-        torch; a hook that knows it already spares the question)."""
-        index, offset, view = super().take(n, like)
-        if self.with_parts and (torch.compiler.is_compiling() if compiling is None else compiling):
-            view = torch.empty_like(view)
-            self.parts.setdefault(index, []).append((offset, view))
-        return index, offset, view
+        torch; a hook that knows it already spares the question). A graph takes no ``place``
+        again: it would read the offsets."""
+        if torch.compiler.is_compiling() if compiling is None else compiling:
+            index, offset, view = super().take(n, like)
+            if self.with_parts:
+                view = torch.empty_like(view)
+                self.parts.setdefault(index, []).append((offset, view))
+            return index, offset, view
+        return super().take(n, like, place)
 
     def move(self, arena: Arena) -> list[tuple[int, int]]:
         """Copy the step's records into ``arena``, one copy per buffer, and start the next
@@ -135,6 +176,7 @@ class Staging(Arena):
         self.parts = {}
         if len(self.buffers) > len(self.current):
             self.buffers, self.used, self.current = [], [], {}
+            self.generation += 1
             for (dtype, device), n in need.items():
                 self.reserve(max(n, self.size), dtype, device)
         else:

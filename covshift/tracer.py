@@ -6,7 +6,7 @@ import contextlib
 import itertools
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import distributed as dist, stats
 from .layers import ROOT, calls_children_functionally, first_tensor, functional_candidates, select_layers
-from .records import UNSET, Arena, Calls, Slots, Staging, StepRecord, fetch, gather
+from .records import UNSET, Arena, Calls, Place, Slots, Staging, StepRecord, fetch, gather
 from .columns import Layers, run_columns, summarize
 from .params import ParamNorms
 from .saving import Batch, Saver
@@ -41,6 +41,9 @@ class _Layer:
     position: int | None = None
     edges: np.ndarray | None = None  # histogram edges, fixed at the layer's first flush
     input_sample: tuple[int, int, int] | None = None  # of_input kinds: (buffer, offset, length) from the pre-hook
+    # where its hooks took the staging's elements at the last step: input and output samples,
+    # the moments' row, the gradient's cell
+    places: tuple[Place, ...] = field(default_factory=lambda: tuple(Place() for _ in range(4)))
 
 
 def _scalar(value: Tensor | float) -> Tensor | float:
@@ -312,13 +315,14 @@ class Tracer:
         return (self._closed or self._paused or not self._recording or not torch.is_grad_enabled()
                 or not (self.model.training or self.include_eval))
 
-    def _sample(self, flat: Tensor, compiling: bool) -> tuple[int, int, Tensor]:
-        """Write the sample of ``flat`` into the staging: ``(buffer, offset, view)``."""
+    def _sample(self, flat: Tensor, compiling: bool, place: Place) -> tuple[int, int, Tensor]:
+        """Write the sample of ``flat`` into the staging, at ``place`` when it is free:
+        ``(buffer, offset, view)``."""
         n = flat.numel()
         # compiled: drawn outside the graph, which holds no Generator
         draw = stats.fixed_sample_indices if compiling else stats.drawn_sample_indices
         idx = draw(n, n if n <= WHOLE_UP_TO * self.sample_size else self.sample_size, flat.device)
-        buffer, offset, view = self._staging.take(idx.numel(), flat, compiling)
+        buffer, offset, view = self._staging.take(idx.numel(), flat, compiling, place)
         stats.take_sample(flat, idx, out=view)
         return buffer, offset, view
 
@@ -326,7 +330,7 @@ class Tracer:
         x = first_tensor(args)
         layer.input_sample = None
         if not self._skips() and x is not None and x.numel():
-            buffer, offset, view = self._sample(stats.flat_float(x), torch.compiler.is_compiling())
+            buffer, offset, view = self._sample(stats.flat_float(x), torch.compiler.is_compiling(), layer.places[0])
             layer.input_sample = (buffer, offset, view.numel())
 
     def _on_container(self, name: str, children: list[nn.Module], module: nn.Module, args: Any, output: Any) -> None:
@@ -356,13 +360,13 @@ class Tracer:
         rec = self._current
         call = len(rec.calls)
         flat = stats.flat_float(y)
-        buffer, offset, sample = self._sample(flat, compiling)
+        buffer, offset, sample = self._sample(flat, compiling, layer.places[1])
         if x_sample is not None and x_sample[2] == sample.numel():
             rec.inputs[call] = x_sample[:2]
         if sample.numel() == flat.numel():  # kept whole: step() computes the moments of all such outputs
             at_buffer, at = -1, 0
         else:
-            at_buffer, at, row = self._staging.take(5, flat, compiling)
+            at_buffer, at, row = self._staging.take(5, flat, compiling, layer.places[2])
             torch.sum(sample, 0, out=row[0])  # the shift is the sample's mean, this sum / its length
             stats.moments(flat, None, self._scratch_for(flat, compiling), out=row, scale=1.0 / sample.numel())
         rec.calls.append((layer.index, flat.numel(), buffer, offset, sample.numel(), at_buffer, at))
@@ -373,10 +377,10 @@ class Tracer:
             rec.units[call] = stats.unit_sums(y)
         if y.requires_grad:
             if at_buffer < 0 and not compiling:  # small: the step's end sums it
-                grad_buffer, grad_at = self._grad_staging.claim(1, flat)
+                grad_buffer, grad_at = self._grad_staging.claim(1, flat, layer.places[3])
                 hook = partial(self._hold_grad, grad_buffer, grad_at)
             else:
-                grad_buffer, grad_at, cell = self._grad_staging.take(1, flat, compiling)
+                grad_buffer, grad_at, cell = self._grad_staging.take(1, flat, compiling, layer.places[3])
                 hook = partial(self._on_grad, cell)
             node = None if compiling else y.grad_fn
             if node is None:  # a leaf, or a graph being compiled

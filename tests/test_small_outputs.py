@@ -12,6 +12,7 @@ from torch import nn
 
 import covshift
 from covshift import stats
+from covshift.records import Arena, Place
 
 
 def _rows(rng: np.random.Generator) -> list[np.ndarray]:
@@ -230,6 +231,56 @@ def test_the_plan_of_whole_outputs_is_made_once_per_layout_and_follows_changes(t
         assert tab[(step, "0", "mean")] == pytest.approx(float(y.mean()), rel=1e-6)
         d = torch.cat([(4 * o * (1 - o)).reshape(-1) for o in outs[(step, "1")]])
         assert tab[(step, "1", "saturation")] == pytest.approx(float((d.abs() < 0.1).double().mean()), abs=1e-7)
+
+
+def test_hooks_take_last_steps_places_again_without_a_lookup(tmp_path, monkeypatch):
+    """At steps whose calls come as at the last step, each hook takes the staging's elements
+    its layer took then (samples, moment rows, gradient cells: Arena._again) and looks none
+    up; a step with two passes looks places up again and still records every call of it."""
+    found: list[bool] = []
+    real_again = Arena._again
+    monkeypatch.setattr(Arena, "_again", lambda self, place, n, like: found.append(
+        real_again(self, place, n, like)) or found[-1])
+    net = _net(uneven=True)
+    per_step = []
+    outs: dict[int, list[torch.Tensor]] = {}
+    passes = [1, 1, 1, 2, 1, 1]
+    with covshift.Tracer(net, tmp_path / "t.covshift", sample_size=1024) as tracer:
+        for step, count in enumerate(passes):
+            handle = net[0].register_forward_hook(lambda m, a, o, s=step: outs.setdefault(s, []).append(o.detach().double()))
+            before = len(found)
+            loss = sum(net(torch.randn(16, 5)).square().mean() for _ in range(count))
+            loss.backward()
+            tracer.step(loss)
+            handle.remove()
+            per_step.append(found[before:])
+    # 7 outputs, 2 of them sampled (a moments' row and a gradient cell each, whole ones a held gradient)
+    for step in (1, 2, 5):
+        assert per_step[step] == [True] * 16, step
+    assert not all(per_step[3])
+    tab = covshift.load(tmp_path / "t.covshift").scalars().set_index(["step", "layer", "metric"])["value"]
+    for step in range(len(passes)):
+        y = torch.cat([o.reshape(-1) for o in outs[step]])
+        assert tab[(step, "0", "mean")] == pytest.approx(float(y.mean()), rel=1e-6)
+        assert tab[(step, "0", "var")] == pytest.approx(float(y.var(unbiased=False)), rel=1e-6)
+
+
+def test_a_place_is_taken_again_only_when_next_free_in_the_same_buffers():
+    arena, place, like = Arena(8), Place(), torch.zeros(1)
+    index, offset, view = arena.take(3, like, place)
+    arena.used[index] = 0  # the next step
+    again = arena.take(3, like, place)
+    assert again[:2] == (index, offset) and again[2] is view and arena.used[index] == 3
+    arena.used[index] = 0
+    arena.take(2, like)  # another take first: the place's elements are not the next free ones
+    assert arena.take(3, like, place)[1] == 2 and place.offset == 2
+    assert arena.take(3, torch.zeros(1, dtype=torch.float64), place)[0] != index  # another kind
+    arena.reset()  # new buffers: a view of the old ones is not handed out
+    arena.take(3, like, place)
+    arena.used[place.index] = 0
+    kept = place.view
+    arena.reset()
+    assert arena.take(3, like, place)[2] is not kept
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
