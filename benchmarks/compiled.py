@@ -68,17 +68,17 @@ def measure(name: str, build: Callable, device: torch.device, rounds: int, block
         timer.reset()
     for _ in range(rounds):
         for kind, run in runs.items():
-            times[kind].append(run() / block)
+            times[kind].append(run())
             if kind in timers:
                 timers[kind].close_block()
     for kind, timer in timers.items():
         timer.tracer.close()
-        times[kind] = [t / block for t in timer.spread([t * block for t in times[kind]], block)]
+        times[kind] = timer.spread(times[kind], block)
 
     def ratio(a: str, b: str) -> float:
         return statistics.median(ta / tb for ta, tb in zip(times[a], times[b]))
 
-    steps = ", ".join(f"{kind} {statistics.median(times[kind]) * 1e3:.2f}" for kind in KINDS)
+    steps = ", ".join(f"{kind} {statistics.median(times[kind]) / block * 1e3:.2f}" for kind in KINDS)
     print(f"{name:5s} {device.type}: ms/step {steps}", flush=True)
     print(f"      compiled+traced/compiled {ratio('compiled+traced', 'compiled'):.3f}, "
           f"eager+traced/eager {ratio('eager+traced', 'eager'):.3f}, "

@@ -195,21 +195,22 @@ class StepTimer:
         """Forget the warm-up."""
         self.ends.clear(), self.flushes.clear(), self.blocks.clear(), self._open.clear()
 
+    def _extra(self, took: float) -> float:
+        """A flushing step's seconds beyond the median step end."""
+        return took - (statistics.median(self.ends) if self.ends else 0.0)
+
     def flush_share(self) -> float:
-        """Seconds per step that flushing adds: each flushing step's time beyond the median
-        step end, summed and divided by all steps of the closed blocks."""
+        """Seconds per step that flushing adds: the flushing steps' extra time, summed and
+        divided by all steps of the closed blocks."""
         if not self.flushes or not self.blocks:
             return 0.0
-        end = statistics.median(self.ends) if self.ends else 0.0
-        steps = len(self.ends) + len(self.flushes)
-        return sum(took - end for took in self.flushes) / steps
+        return sum(map(self._extra, self.flushes)) / (len(self.ends) + len(self.flushes))
 
     def spread(self, times: list[float], block: int) -> list[float]:
         """``times`` of the closed blocks (one each, ``block`` steps) with each block's
         flushes replaced by its share of all of them."""
-        end = statistics.median(self.ends) if self.ends else 0.0
         share = self.flush_share() * block
-        return [t - sum(took - end for took in flushed) + share for t, flushed in zip(times, self.blocks)]
+        return [t - sum(map(self._extra, flushed)) + share for t, flushed in zip(times, self.blocks)]
 
 
 def covshift_at(ref: str, folder: Path) -> ModuleType:
@@ -291,9 +292,10 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
               f"covshift in the hooks {work:.3f} ({per_layer(work)}), step() {end:.3f} ({per_layer(end)}), "
               f"flush {flush:.3f} ({per_layer(flush)}) per layer and step", flush=True)
     if then is not None and reference is not None:
-        against = [a / b for a, b in zip(traced_times, then.spread(old_times, block))]
+        old_times = then.spread(old_times, block)
+        against = [a / b for a, b in zip(traced_times, old_times)]
         low, _, high = statistics.quantiles(against, n=4) if len(against) > 1 else (against[0],) * 3
-        at_ref = statistics.median(b / p for b, p in zip(then.spread(old_times, block), plain_times))
+        at_ref = statistics.median(b / p for b, p in zip(old_times, plain_times))
         print(f"{'':5s} traced/traced at {reference[0]}: {statistics.median(against):.3f} (rounds' quartiles "
               f"{low:.3f}..{high:.3f}); at {reference[0]} traced/plain {at_ref:.3f}", flush=True)
     return ratio

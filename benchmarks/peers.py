@@ -5,7 +5,8 @@ Copies of each model with identical weights train on the same fixed batch (SGD, 
 ``--block`` steps, one after the other, so drift of the machine hits all alike; a cell is the
 median over rounds of the column's block time / the plain block time of the same round,
 covshift's blocks each given their share of its flushes (every 100 recorded steps: they land
-in few blocks, which the median would leave out). Every column records at every step (covshift every=10: its layer statistics every 10th):
+in few blocks, which the median would leave out). Every column records at every step
+(covshift every=10: its layer statistics every 10th):
 
 - covshift default: ``covshift.Tracer(model, path, optimizer=opt)``: every statistic of
   "What is recorded" (README) for every leaf module, each step, flushed to a trace file.

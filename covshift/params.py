@@ -21,22 +21,22 @@ class _Last:
 class ParamNorms:
     """The norms of a recorded step's parameter gradients, tracked weights and updates.
 
-    ``params`` are the model's trainable parameters; :meth:`track` adds the index of one
-    that a layer holds (its weight norms and updates are recorded). :meth:`snapshot` keeps the
+    ``params`` are the model's trainable parameters; :meth:`track` adds one that a layer
+    holds (its weight norms and updates are recorded). :meth:`snapshot` keeps the
     tracked weights before the next update; :meth:`record` puts the step's norms into its
     record after the update."""
 
     def __init__(self, params: list[Tensor], sharded: bool) -> None:
         self.params, self.sharded = params, sharded
-        self.tracked: list[int] = []
+        self.tracked: list[tuple[str, str, int]] = []  # (layer, attribute, index into params)
         self.prev: list[Tensor] | None = None  # the snapshot
         self.last: _Last | None = None
         self.plans: dict[tuple[tuple[int, ...], int, bool], stats.NormPlan] = {}  # by layout, see record
 
-    def track(self, index: int) -> None:
-        """Record the weight ``params[index]`` too; during a step, its value now is its
-        snapshot (it was added before any update of the step)."""
-        self.tracked.append(index)
+    def track(self, layer: str, attr: str, index: int) -> None:
+        """Record the weight ``params[index]``, attribute ``attr`` of ``layer``, too; during a
+        step, its value now is its snapshot (it was added before any update of the step)."""
+        self.tracked.append((layer, attr, index))
         if self.prev is not None:
             self.prev.append(dist.local(self.params[index]).detach().clone())
 
@@ -44,7 +44,7 @@ class ParamNorms:
         return [dist.local(t) for t in tensors] if self.sharded else tensors
 
     def _weights(self) -> list[Tensor]:
-        return self._locals([self.params[i] for i in self.tracked])
+        return self._locals([self.params[i] for _, _, i in self.tracked])
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -69,7 +69,7 @@ class ParamNorms:
         have = [i for i, g in enumerate(grads) if g is not None and not g.is_sparse]
         batch = self._locals([grads[i] for i in have])
         rec.grad_params = have
-        weights = self._weights() if self.tracked else []
+        weights = self._weights()
         prev = self.prev if weights and self.prev is not None else None
         before: Tensor | None = None
         if prev is not None:
@@ -90,7 +90,7 @@ class ParamNorms:
         if have:
             rec.grad_norms = put(norms[:g])
         if weights:
-            rec.weight_norms = put(norms[g:g + w])
+            rec.tracked, rec.weight_norms = self.tracked, put(norms[g:g + w])
             self.last = _Last(rec.step, norms[g:g + w])
         if before is not None:
             rec.update_norms, rec.prev_norms = put(norms[g + w:]), put(before)

@@ -143,7 +143,6 @@ class Tracer:
         # DTensor parameters are sharded: their local shards are used
         self._param_norms = ParamNorms(self._params, sharded=bool(self._copies.any()))
         self._index = {id(p): i for i, p in enumerate(self._params)}
-        self._tracked: list[tuple[str, str, int]] = []  # (layer, attribute, index into _params)
         self._layers: dict[str, _Layer] = {}
         self._by_index: list[_Layer] = []  # the layers by their index
         for name, module in select_layers(model, layers):
@@ -240,12 +239,11 @@ class Tracer:
         earlier layer holds (a tied weight stays with its first owner)."""
         layer = self._layers[name] = _Layer(name, len(self._layers), module, stats.nonlinearity(module))
         self._by_index.append(layer)
-        tracked = {i for _, _, i in self._tracked}
+        tracked = {i for _, _, i in self._param_norms.tracked}
         for attr, param in module.named_parameters(recurse=False):
             index = self._index.get(id(param))
             if index is not None and index not in tracked:
-                self._tracked.append((name, attr, index))
-                self._param_norms.track(index)
+                self._param_norms.track(name, attr, index)
         return layer
 
     def _hook(self, layer: _Layer) -> None:
@@ -435,8 +433,6 @@ class Tracer:
         self._hand_off(rec)
         if self.recording:
             self._param_norms.record(rec)
-            if self._tracked:
-                rec.tracked = self._tracked
             self._recorded += 1
         self._record_scalars(rec, loss)
         self._pending.append(rec)

@@ -70,7 +70,7 @@ def test_norms_match_float64(every):
     ws = _tensors(torch.float32, [1e4, 1e-4, 1.0, 3.0, 1e-3, 10.0])
     norms = ParamNorms(ws, sharded=False)
     for i in range(len(ws)):
-        norms.track(i)
+        norms.track(str(i), "weight", i)
     _train(ws, norms, steps=7, every=every)
 
 
@@ -80,7 +80,7 @@ def test_a_missing_gradient_is_left_out():
     ws = _tensors(torch.float32, [1.0] * len(SHAPES))
     norms = ParamNorms(ws, sharded=False)
     for i in range(len(ws)):
-        norms.track(i)
+        norms.track(str(i), "weight", i)
     _train(ws, norms, steps=6, unused=2)
 
 
@@ -89,7 +89,7 @@ def test_norms_in_float64_and_bfloat16(dtype):
     ws = _tensors(dtype, [1.0, 2.0, 0.5, 1.0, 4.0, 1.0])
     norms = ParamNorms(ws, sharded=False)
     for i in range(len(ws)):
-        norms.track(i)
+        norms.track(str(i), "weight", i)
     _train(ws, norms, steps=4, lr=1e-2)
 
 
@@ -99,9 +99,9 @@ def test_a_weight_tracked_during_a_step_takes_its_value_then_as_its_snapshot():
     ws = _tensors(torch.float32, [1.0] * len(SHAPES))
     norms = ParamNorms(ws, sharded=False)
     for i in range(len(ws) - 1):
-        norms.track(i)
+        norms.track(str(i), "weight", i)
     norms.snapshot()
-    norms.track(len(ws) - 1)
+    norms.track("last", "weight", len(ws) - 1)
     for w in ws:
         w.grad = w.detach().clone()
     before = _norm(ws[-1])
@@ -118,7 +118,7 @@ def test_a_weight_tracked_during_a_step_takes_its_value_then_as_its_snapshot():
 def test_untracked_parameters_have_gradient_norms_only():
     ws = _tensors(torch.float32, [1.0] * len(SHAPES))
     norms = ParamNorms(ws, sharded=False)
-    norms.track(0)
+    norms.track("0", "weight", 0)
     norms.snapshot()
     for w in ws:
         w.grad = torch.ones_like(w)
