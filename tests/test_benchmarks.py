@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import covshift
 
@@ -78,3 +79,45 @@ def test_step_timer_gives_every_block_its_share_of_the_flushes() -> None:
     assert times == [2.0, 11.0, 2.0, 11.0]
     assert timer.flush_share() == pytest.approx(18.0 / 8)  # 9 s more, twice, over 8 steps
     assert timer.spread(times, 2) == pytest.approx([6.5] * 4)
+
+
+def test_bounds_splits_the_overhead_into_phases_parts_and_operators() -> None:
+    out = run("bounds.py", "--models", "mlp", "--threads", "1", "--rounds", "2", "--block", "3", "--profile", "2")
+    lines = out.splitlines()
+    for phase in ("forward", "backward", "optimizer", "step()"):
+        assert any(line.strip().startswith(phase) for line in lines), phase
+    assert "target 1.50 leaves" in out and "PyTorch's hooks" in out
+    parts = {line.split(" µs:")[0].rsplit(None, 1)[0].strip(): line for line in lines if " µs: " in line}
+    assert "index_select" in parts["forward hooks"]  # the copy of each output's sample
+    assert "_foreach_norm" in parts["parameter norms"]
+    assert {"outputs kept whole", "held gradients", "weights' snapshot"} <= set(parts)
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "bounds.py"), "--models", "mlp", "--device", "meta"],
+                          capture_output=True, text=True, timeout=300, env=ENV)
+    assert done.returncode != 0 and "--device cpu" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_bounds_gives_each_part_the_operators_it_calls_itself() -> None:
+    """An operator counts in the part whose scope called it, with its children's time;
+    operators outside any part, and those another operator calls, are not counted."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from bounds import SCOPE, operators
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    from torch.autograd.profiler import record_function
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(1000)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function(SCOPE + "norms"):
+            torch.linalg.vector_norm(a), torch.linalg.vector_norm(a)
+        with record_function(SCOPE + "copy"):
+            a.clone()
+        a.mul(2.0)  # outside the parts
+    totals, ops = operators(prof.events())
+    assert set(totals) == set(ops) == {"norms", "copy"}
+    assert ops["norms"]["aten::linalg_vector_norm"][0] == 2 and set(ops["norms"]) == {"aten::linalg_vector_norm"}
+    assert set(ops["copy"]) == {"aten::clone"}  # not its children (empty_like, copy_)
+    clone = next(e for e in prof.events() if e.name == "aten::clone")
+    assert ops["copy"]["aten::clone"] == (1, pytest.approx(clone.cpu_time_total))
+    assert all(totals[p] >= sum(m for _, m in ops[p].values()) for p in totals)
