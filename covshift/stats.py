@@ -530,8 +530,19 @@ def sample_error_bound(k: int, delta: float = 1e-3) -> float:
     return math.sqrt(math.log(2.0 / delta) / (2.0 * k))
 
 
-def _unit_dims(x: Tensor) -> list[int]:
-    return [0, *range(2, x.dim())]
+#: On the CPU, outside a compiled graph, a per-unit reduction of an output of at least this
+#: many values with more than two dimensions reduces the trailing dimensions first, then
+#: the batch: one reduction over dimensions (0, 2, 3) of an NCHW tensor is slower (2M
+#: float32 values: ``amax`` 422 against 149 µs, ``sum`` 215 against 129 µs; on small
+#: tensors the second kernel costs more than it saves).
+UNIT_SPLIT_FROM = 1 << 16
+
+
+def _over_units(x: Tensor, reduce: Callable[..., Tensor]) -> Tensor:
+    """``reduce`` (``torch.amax`` or ``torch.sum``) of ``x`` over every dimension but 1."""
+    if x.dim() > 2 and x.numel() >= UNIT_SPLIT_FROM and _eager_cpu(x.device):
+        return reduce(reduce(x, dim=tuple(range(2, x.dim()))), dim=0)
+    return reduce(x, dim=[0, *range(2, x.dim())])
 
 
 def unit_sums(x: Tensor) -> Tensor:
@@ -543,14 +554,13 @@ def unit_sums(x: Tensor) -> Tensor:
         c = c.select(1, 0)
     shape = [1, -1] + [1] * (x.dim() - 2)
     d = x - c.view(shape)
-    dims = _unit_dims(x)
-    s1 = d.sum(dims)
-    return torch.stack([c, s1, d.mul_(d).sum(dims)])  # squared in place: one output-sized allocation, not two
+    s1 = _over_units(d, torch.sum)
+    return torch.stack([c, s1, _over_units(d.mul_(d), torch.sum)])  # squared in place: one output-sized allocation, not two
 
 
 def unit_max(x: Tensor) -> Tensor:
     """Per-unit maximum over every dimension but 1; a ReLU unit is dead when it is <= 0."""
-    return x.detach().amax(dim=_unit_dims(x))
+    return _over_units(x.detach(), torch.amax)
 
 
 def hist_edges(lo: float, hi: float, kind: Nonlinearity | None, bins: int) -> np.ndarray:

@@ -768,6 +768,56 @@ def test_unit_max_matches_numpy(shape):
     assert out[0] <= 0
 
 
+LARGE_UNITS = [((64, 32, 32, 32), False), ((64, 32, 32, 32), True), ((64, 16, 4096), False)]
+
+
+@pytest.mark.parametrize("shape,channels_last", LARGE_UNITS, ids=["nchw", "channels_last", "3d"])
+def test_unit_statistics_of_millions_of_values_match_float64(shape, channels_last):
+    """At the sizes that reduce in two stages (``UNIT_SPLIT_FROM``): maxima exact, NaN
+    kept; per-unit moments within float32's error of float64; bfloat16 too."""
+    x = _units_input(shape, torch.float32, 29)
+    assert x.numel() >= stats.UNIT_SPLIT_FROM
+    x[:, 0] = -x[:, 0].abs()  # a dead unit
+    x[3, 2].view(-1)[7] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = x.double().numpy()
+    axes = tuple(i for i in range(ref.ndim) if i != 1)
+    out = stats.unit_max(x).numpy()
+    assert np.isnan(out[2]) and out[0] <= 0
+    np.testing.assert_array_equal(np.delete(out, 2), np.delete(ref.max(axis=axes), 2))
+    finite = torch.nan_to_num(x, nan=0.0)
+    for t, dtype in ((finite, torch.float32), (finite.to(torch.bfloat16), torch.float32)):
+        count = t.numel() // t.shape[1]
+        mean, m2 = finish_units(stats.unit_sums(t), count)
+        assert_unit_moments(mean, m2 / count, t.double().numpy(), axes, dtype)
+
+
+def test_large_per_unit_reductions_leave_the_batch_for_last():
+    """One reduction over the batch and the trailing dimensions at once is 2-3x slower on the
+    CPU than the trailing dimensions first (``UNIT_SPLIT_FROM``); small outputs keep one."""
+    from torch.overrides import TorchFunctionMode
+
+    reduced: list[tuple[int, ...]] = []
+
+    class Reductions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if getattr(func, "__name__", "") in ("amax", "sum") and "dim" in kwargs:
+                dim = kwargs["dim"]
+                reduced.append(tuple(dim) if isinstance(dim, (list, tuple)) else (dim,))
+            return func(*args, **kwargs)
+
+    big, small = torch.rand(64, 32, 32, 32), torch.rand(8, 4, 5, 5)
+    with Reductions():
+        stats.unit_max(big), stats.unit_sums(big)
+    assert reduced and not any(0 in dims and len(dims) > 1 for dims in reduced), reduced
+    reduced.clear()
+    with Reductions():
+        stats.unit_max(small)
+    assert reduced == [(0, 2, 3)]
+
+
 # --------------------------------------------------------------------------- metric names
 
 
