@@ -51,7 +51,7 @@ from torch.autograd.profiler import record_function
 from torch.profiler import ProfilerActivity, profile
 
 import covshift
-from overhead import TARGETS, Floor, StepTimer, cnn, cnn8, deep, mlp, parse_steps, step_parser, time_block
+from overhead import PHASES, TARGETS, Floor, StepTimer, cnn, cnn8, deep, mlp, parse_steps, step_parser, time_block
 
 #: The timed parts: (label, where the tracer keeps the method, the method's name).
 PARTS: list[tuple[str, str, str]] = [
@@ -67,8 +67,7 @@ PARTS: list[tuple[str, str, str]] = [
     ("parameter norms", "_param_norms", "record"),
     ("weights' snapshot", "_param_norms", "snapshot"),
 ]
-#: A training step's phases, and the parts that run in each (the others run in ``step()``).
-PHASES = ("forward", "backward", "optimizer", "step()")
+#: The phases (``overhead.PHASES``) that parts run in, when not in ``step()``.
 IN_PHASE = {"forward hooks": "forward", "gradient hooks": "backward", "learning rates": "optimizer"}
 SCOPE = "covshift: "  # the profiler's label of a part
 
@@ -129,39 +128,17 @@ def operators(events: Any) -> tuple[dict[str, float], dict[str, dict[str, tuple[
     return dict(totals), dict(ops)
 
 
-def phased_block(model: nn.Module, opt: torch.optim.Optimizer, recorder: Any, x: torch.Tensor, y: torch.Tensor,
-                 steps: int, clock: Callable[[], float], phases: dict[str, float]) -> float:
-    """Seconds of ``steps`` training steps, as ``overhead.time_block`` takes them, each phase's
-    seconds added to ``phases``."""
-    begin = clock()
-    for _ in range(steps):
-        t0 = clock()
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(model(x), y)
-        t1 = clock()
-        loss.backward()
-        t2 = clock()
-        opt.step()
-        t3 = clock()
-        if recorder is not None:
-            recorder.step(loss=loss)
-        t4 = clock()
-        for phase, took in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
-            phases[phase] += took
-    return clock() - begin
-
-
 def measure(name: str, build: Callable[[], tuple[nn.Module, torch.Size]], rounds: int, block: int,
             profiled: int, top: int, folder: Path, clock: Callable[[], float]) -> None:
     torch.manual_seed(0)
     plain, shape = build()
     bare, traced = copy.deepcopy(plain), copy.deepcopy(plain)
-    x, y = torch.randn(shape), torch.randint(0, 10, (shape[0],))
+    x, y, cpu = torch.randn(shape), torch.randint(0, 10, (shape[0],)), torch.device("cpu")
     opts = {id(m): torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (plain, bare, traced)}
     phases: dict[int, dict[str, float]] = {id(m): defaultdict(float) for m in (plain, bare, traced)}
 
     def run(model: nn.Module, recorder: Any, steps: int = block) -> float:
-        return phased_block(model, opts[id(model)], recorder, x, y, steps, clock, phases[id(model)])
+        return time_block(model, opts[id(model)], recorder, x, y, steps, cpu, clock, phases[id(model)])
 
     tracer = covshift.Tracer(traced, folder / f"{name}.covshift", optimizer=opts[id(traced)])
     parts = Parts(tracer, clock)
@@ -179,13 +156,12 @@ def measure(name: str, build: Callable[[], tuple[nn.Module, torch.Size]], rounds
             plain_times.append(run(plain, None))
             floor_times.append(run(bare, floor))
             traced_times.append(run(traced, timer))
-            timer.close_block()
         steps = rounds * block
         cost = parts.own_cost()
         seconds = {label: s - cost * parts.calls[label] for label, s in parts.seconds.items()}
         parts.profiling = True
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            time_block(traced, opts[id(traced)], tracer, x, y, profiled, torch.device("cpu"), clock)
+            time_block(traced, opts[id(traced)], tracer, x, y, profiled, cpu, clock)
         parts.profiling = False
     floor.close()
     plain_step = statistics.median(plain_times) / block
@@ -208,8 +184,8 @@ def measure(name: str, build: Callable[[], tuple[nn.Module, torch.Size]], rounds
         print(f"  {phase:20s} {plain_us:7.0f} {bare_us - plain_us:+11.0f} {traced_us - plain_us:+8.0f} {left:+6.0f}  "
               f"{listed}")
     own = ratio - 1.0 - hooks - flush
-    left = target - 1.0 - hooks - flush
-    print(f"  target {target:.2f} leaves {left:.3f} of the plain step ({left * plain_step * 1e6:.0f} µs) for covshift's "
+    leaves = target - 1.0 - hooks - flush
+    print(f"  target {target:.2f} leaves {leaves:.3f} of the plain step ({leaves * plain_step * 1e6:.0f} µs) for covshift's "
           f"own work once PyTorch's hooks ({hooks:.3f}, bare hooks' median ratio - 1) and the flush ({flush:.3f}) "
           f"are paid; it takes {own:.3f} ({own * plain_step * 1e6:.0f} µs)")
     totals, ops = operators(prof.events())

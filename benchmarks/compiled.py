@@ -69,8 +69,6 @@ def measure(name: str, build: Callable, device: torch.device, rounds: int, block
     for _ in range(rounds):
         for kind, run in runs.items():
             times[kind].append(run())
-            if kind in timers:
-                timers[kind].close_block()
     for kind, timer in timers.items():
         timer.tracer.close()
         times[kind] = timer.spread(times[kind], block)

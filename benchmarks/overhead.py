@@ -109,21 +109,39 @@ class Recorder(Protocol):
     def step(self, loss: torch.Tensor) -> object: ...
 
 
+#: A training step's phases, as :func:`time_block` times them.
+PHASES = ("forward", "backward", "optimizer", "step()")
+
+
 def time_block(forward: Callable[[torch.Tensor], torch.Tensor], opt: torch.optim.Optimizer,
                tracer: Recorder | None, x: torch.Tensor, y: torch.Tensor, block: int,
-               device: torch.device, clock: Callable[[], float] = time.perf_counter) -> float:
-    """Seconds of ``clock`` for ``block`` training steps on the batch ``(x, y)``, each ended by ``tracer``."""
+               device: torch.device, clock: Callable[[], float] = time.perf_counter,
+               phases: dict[str, float] | None = None) -> float:
+    """Seconds of ``clock`` for ``block`` training steps on the batch ``(x, y)``, each ended by
+    ``tracer``; with ``phases``, each of :data:`PHASES`' seconds (host time) are added to it."""
+    tick = clock if phases is not None else _no_time
     sync(device)
     start = clock()
     for _ in range(block):
+        t0 = tick()
         opt.zero_grad()
         loss = nn.functional.cross_entropy(forward(x), y)
+        t1 = tick()
         loss.backward()
+        t2 = tick()
         opt.step()
+        t3 = tick()
         if tracer is not None:
             tracer.step(loss=loss)
+        if phases is not None:
+            for phase, took in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, tick() - t3)):
+                phases[phase] += took
     sync(device)
     return clock() - start
+
+
+def _no_time() -> float:
+    return 0.0
 
 
 def _ignore(grad: object) -> None:
@@ -166,34 +184,27 @@ class Floor:
 class StepTimer:
     """A tracer whose :meth:`step` calls are timed: those that flush (every ``flush_every``
     recorded steps; nothing else flushes here) apart from the others. A flush lands in one
-    block of ``flush_every / block``, so the median over rounds would leave it out: after
-    each timed block :meth:`close_block` notes its flushes, and :meth:`spread` gives every
-    block its share of all flushes instead of the ones that fell into it."""
+    block of ``flush_every / block``, so the median over rounds would leave it out:
+    :meth:`spread` gives every block its share of all flushes instead of the ones that fell
+    into it, the blocks being the timed steps since :meth:`reset`, ``block`` at a time."""
 
     def __init__(self, tracer: covshift.Tracer, clock: Callable[[], float] = time.perf_counter) -> None:
         self.tracer, self.clock = tracer, clock
         self.ends: list[float] = []  # seconds of each step() that did not flush
-        self.flushes: list[float] = []  # ... and of each that did
-        self.blocks: list[list[float]] = []  # the flushing steps' seconds of each closed block
-        self._open: list[float] = []
+        self.flushes: dict[int, float] = {}  # ... and of each that did, by its number since reset()
 
     def step(self, loss: torch.Tensor) -> None:
         start = self.clock()
         index = self.tracer.step(loss=loss)
         took = self.clock() - start
         if (index + 1) % self.tracer.flush_every == 0:
-            self.flushes.append(took)
-            self._open.append(took)
+            self.flushes[len(self.ends) + len(self.flushes)] = took
         else:
             self.ends.append(took)
 
-    def close_block(self) -> None:
-        self.blocks.append(self._open)
-        self._open = []
-
     def reset(self) -> None:
         """Forget the warm-up."""
-        self.ends.clear(), self.flushes.clear(), self.blocks.clear(), self._open.clear()
+        self.ends.clear(), self.flushes.clear()
 
     def _extra(self, took: float) -> float:
         """A flushing step's seconds beyond the median step end."""
@@ -201,16 +212,19 @@ class StepTimer:
 
     def flush_share(self) -> float:
         """Seconds per step that flushing adds: the flushing steps' extra time, summed and
-        divided by all steps of the closed blocks."""
-        if not self.flushes or not self.blocks:
+        divided by all timed steps."""
+        if not self.flushes:
             return 0.0
-        return sum(map(self._extra, self.flushes)) / (len(self.ends) + len(self.flushes))
+        return sum(map(self._extra, self.flushes.values())) / (len(self.ends) + len(self.flushes))
 
     def spread(self, times: list[float], block: int) -> list[float]:
-        """``times`` of the closed blocks (one each, ``block`` steps) with each block's
-        flushes replaced by its share of all of them."""
+        """``times`` of the blocks of ``block`` steps timed since :meth:`reset`, in order,
+        with each block's flushes replaced by its share of all of them."""
+        extra = [0.0] * len(times)
+        for number, took in self.flushes.items():
+            extra[number // block] += self._extra(took)
         share = self.flush_share() * block
-        return [t - sum(map(self._extra, flushed)) + share for t, flushed in zip(times, self.blocks)]
+        return [t - e + share for t, e in zip(times, extra)]
 
 
 def covshift_at(ref: str, folder: Path) -> ModuleType:
@@ -263,7 +277,6 @@ def measure(name: str, build, device: torch.device, rounds: int, block: int, fol
             plain_times.append(run(plain, None))
             for model, each, times in (timers if i % 2 == 0 else timers[::-1]):  # each first in turn
                 times.append(run(model, each))
-                each.close_block()
             if hooks is not None:
                 floors.append(run(bare, hooks) / plain_times[-1])
         layers = len(tracer.layers)

@@ -111,9 +111,7 @@ class SpreadRun:
         self.run = w.timed(model, opt, self.timer)
 
     def __call__(self) -> float:
-        took = self.run()
-        self.timer.close_block()
-        return took
+        return self.run()
 
 
 def covshift_tracer(every: int, w: Workload, stack: contextlib.ExitStack) -> Run:

@@ -176,8 +176,7 @@ class Staging(Arena):
         self.parts = {}
         if len(self.buffers) > len(self.current):
             self.buffers, self.used, self.current = [], [], {}
-            self.generation += 1
-            for (dtype, device), n in need.items():
+            for (dtype, device), n in need.items():  # reserve() starts a new generation
                 self.reserve(max(n, self.size), dtype, device)
         else:
             self.used = [0] * len(self.buffers)
